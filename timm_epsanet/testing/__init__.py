@@ -1,0 +1,1 @@
+"""Test helpers for running timm's own tooling against the EPSANet models."""
