@@ -1,0 +1,217 @@
+"""The upload round trip through a Hub that lives in this process (tests/fake_hub.py, 127.0.0.1 only).
+
+hub_upload.py pushes the authors' weights; ``timm.create_model(..., pretrained=True)`` downloads them
+and must reproduce the source bit for bit; ``HF_HUB_OFFLINE=1`` then loads them from the cache without
+a single connection; weights that cannot be had raise an error naming the Hub id.
+Cost: about 15 s on 2 CPU cores (one subprocess push, three in-process exports, ~12 model builds).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from huggingface_hub import constants
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors.torch import load_file, save_file
+
+from timm_epsanet import HUB_ORGANIZATION, checkpoint_filter_fn, publish
+
+from fake_hub import FakeHub
+from official_weights import GOLDEN, authors_checkpoint, golden_input
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOKEN = 'hf_dummy_token_for_tests'
+REPO = f'{HUB_ORGANIZATION}/epsanet50.in1k'  # where epsanet50's pretrained cfg looks
+
+
+def _point_hub_at(mp: pytest.MonkeyPatch, endpoint: str) -> None:
+    # huggingface_hub reads its settings at import time: the constants must follow, both of them.
+    mp.setattr(constants, 'ENDPOINT', endpoint)
+    mp.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', endpoint + '/{repo_id}/resolve/{revision}/{filename}')
+    mp.setenv('HF_ENDPOINT', endpoint)
+
+
+@pytest.fixture(scope='module')
+def hub(tmp_path_factory):
+    """A fake Hub, and huggingface_hub pointed at it with a fresh cache and a dummy token (undone afterwards)."""
+    home = tmp_path_factory.mktemp('hf-home')
+    with FakeHub() as fake, pytest.MonkeyPatch.context() as mp:
+        _point_hub_at(mp, fake.endpoint)
+        for name, value in (
+            ('HF_HOME', str(home)),
+            ('HF_HUB_CACHE', str(home / 'hub')),
+            ('HF_TOKEN_PATH', str(home / 'token')),
+            ('HF_STORED_TOKENS_PATH', str(home / 'stored_tokens')),
+            ('HF_HUB_OFFLINE', False),
+        ):
+            mp.setattr(constants, name, value)
+        for name, value in (
+            ('HF_HOME', str(home)),
+            ('HF_TOKEN', TOKEN),
+            ('HF_HUB_OFFLINE', '0'),
+            ('HF_HUB_DISABLE_TELEMETRY', '1'),
+            ('HF_HUB_DISABLE_UPDATE_CHECK', '1'),
+            ('NO_PROXY', '127.0.0.1,localhost'),
+        ):
+            mp.setenv(name, value)
+        for name in ('HF_HUB_CACHE', 'HUGGINGFACE_HUB_CACHE', 'HUGGING_FACE_HUB_TOKEN', 'TRANSFORMERS_OFFLINE'):
+            mp.delenv(name, raising=False)
+        yield fake
+
+
+@pytest.fixture(scope='module')
+def authors_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('ckpt') / 'model_best.pth.tar'
+    torch.save(authors_checkpoint('epsanet50'), path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def reference():
+    """epsanet50 with the authors' weights loaded directly, and its logits on the golden input."""
+    model = timm.create_model('epsanet50').eval()
+    model.load_state_dict(checkpoint_filter_fn(authors_checkpoint('epsanet50'), model), strict=True)
+    with torch.no_grad():
+        return model, model(golden_input())
+
+
+@pytest.fixture(scope='module')
+def pushed(hub, authors_file, tmp_path_factory):
+    """``python hub_upload.py ... --repo-id`` run as users run it, against the fake Hub."""
+    out = tmp_path_factory.mktemp('push') / 'folder'
+    cmd = [sys.executable, str(REPO_ROOT / 'hub_upload.py'), '--model', 'epsanet50', '--checkpoint', str(authors_file)]
+    cmd += ['--output-dir', str(out), '--repo-id', REPO, '--top1', '77.49', '--top5', '93.54']
+    proc = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def _assert_matches_reference(model, reference):
+    ref_model, ref_logits = reference
+    ours, ref = model.state_dict(), ref_model.state_dict()
+    assert ours.keys() == ref.keys()
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    with torch.no_grad():
+        logits = model.eval()(golden_input())
+    assert torch.equal(logits, ref_logits)
+    torch.testing.assert_close(logits, load_file(GOLDEN['epsanet50'])['logits'], rtol=0, atol=1e-4)
+
+
+def test_push_uploads_the_verified_folder(hub, pushed):
+    out, proc = pushed
+    files = hub.files(REPO)
+    assert sorted(files) == ['.gitattributes', 'README.md', 'config.json', 'model.safetensors']
+    for name in ('README.md', 'config.json', 'model.safetensors'):
+        assert files[name] == (out / name).read_bytes(), name
+    assert 'pushed to timm-epsanet/epsanet50.in1k' in proc.stdout
+    # The token came from HF_TOKEN and was sent, but never shown.
+    assert f'Bearer {TOKEN}' in hub.auth_headers
+    assert TOKEN not in proc.stdout + proc.stderr
+
+
+def test_pretrained_true_downloads_the_published_weights(hub, pushed, reference):
+    before = len(hub.requests)
+    model = timm.create_model('epsanet50', pretrained=True)
+    assert ('GET', f'/{REPO}/resolve/main/model.safetensors') in hub.requests[before:]
+    _assert_matches_reference(model, reference)
+
+
+def test_hf_hub_prefix(hub, pushed, reference):
+    model = timm.create_model(f'hf-hub:{REPO}', pretrained=True)
+    _assert_matches_reference(model, reference)
+    assert model.pretrained_cfg['tag'] == 'in1k'
+    # A new head on top of Hub weights: every other tensor stays the published one.
+    model = timm.create_model(f'hf-hub:{REPO}', pretrained=True, num_classes=10)
+    assert model.fc.weight.shape == (10, 2048)
+    assert torch.equal(model.layer4[2].conv3.weight, reference[0].layer4[2].conv3.weight)
+
+
+def test_offline_loads_from_cache_without_network(hub, pushed, reference, monkeypatch):
+    timm.create_model('epsanet50', pretrained=True)  # make sure the cache holds it, whatever ran before
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f'network access while offline: {args}')
+
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    before = len(hub.requests)
+    _assert_matches_reference(timm.create_model('epsanet50', pretrained=True), reference)
+    _assert_matches_reference(timm.create_model(f'hf-hub:{REPO}', pretrained=True), reference)
+    assert len(hub.requests) == before
+
+
+def test_offline_and_not_cached_names_the_hub_id(hub, monkeypatch):
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    with pytest.raises(RuntimeError) as info:
+        timm.create_model('epsanet101', pretrained=True)
+    message = str(info.value)
+    assert "'timm-epsanet/epsanet101.in1k'" in message and 'epsanet101.in1k' in message
+    assert 'not in the local Hugging Face cache' in message and 'not be published' in message
+    assert isinstance(info.value.__cause__, LocalEntryNotFoundError)
+
+
+def test_missing_repository_names_the_hub_id(hub):
+    with pytest.raises(RuntimeError) as info:
+        timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id='nobody/epsanet50.x'))
+    message = str(info.value)
+    assert "'nobody/epsanet50.x'" in message and 'no such repository' in message and 'not be published' in message
+    assert isinstance(info.value.__cause__, RepositoryNotFoundError)
+    # hf-hub: names are resolved by timm before this package runs: huggingface_hub's own error, with the id.
+    with pytest.raises(RepositoryNotFoundError, match='nobody/epsanet50.x'):
+        timm.create_model('hf-hub:nobody/epsanet50.x', pretrained=True)
+
+
+def test_push_to_branch_of_private_repo(hub, authors_file, reference, tmp_path, capsys):
+    repo = 'testorg/epsanet50-branch'
+    argv = ['--model', 'epsanet50', '--checkpoint', str(authors_file), '--output-dir', str(tmp_path / 'out')]
+    argv += ['--repo-id', repo, '--revision', 'v1', '--private', '--commit-message', 'first weights']
+    assert publish.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f'timm.create_model("hf-hub:{repo}", pretrained=True)' in out  # not where the cfg looks: says so
+    assert hub.repos[repo].private
+    assert 'model.safetensors' in hub.files(repo, 'v1') and 'model.safetensors' not in hub.files(repo, 'main')
+    _assert_matches_reference(timm.create_model(f'hf-hub:{repo}@v1', pretrained=True), reference)
+
+
+def test_refuses_to_push_what_does_not_verify(hub, authors_file, tmp_path, monkeypatch, capsys):
+    write_folder = publish.write_folder
+
+    def write_then_corrupt(model, out_dir, **kwargs):
+        folder = write_folder(model, out_dir, **kwargs)
+        tensors = load_file(folder / 'model.safetensors')
+        tensors['fc.bias'][0] += 1.0
+        save_file(tensors, folder / 'model.safetensors')
+        return folder
+
+    monkeypatch.setattr(publish, 'write_folder', write_then_corrupt)
+    repo = 'testorg/never-pushed'
+    argv = ['--model', 'epsanet50', '--checkpoint', str(authors_file), '--output-dir', str(tmp_path / 'out')]
+    assert publish.main(argv + ['--repo-id', repo]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('error: verification failed') and 'fc.bias' in err and err.count('\n') == 1
+    assert repo not in hub.repos
+    assert not any(repo in path for _, path in hub.requests)
+
+
+@pytest.mark.parametrize('failure', ['unreachable', 'offline'])
+def test_push_failure_is_one_line(failure, hub, authors_file, tmp_path, monkeypatch, capsys):
+    if failure == 'unreachable':
+        with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        _point_hub_at(monkeypatch, f'http://127.0.0.1:{port}')
+        expected = f'could not push to http://127.0.0.1:{port}/testorg/x'
+    else:
+        monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+        expected = 'HF_HUB_OFFLINE is set'
+    argv = ['--model', 'epsanet50', '--checkpoint', str(authors_file), '--output-dir', str(tmp_path / 'out')]
+    assert publish.main(argv + ['--repo-id', 'testorg/x']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and expected in err and err.count('\n') == 1 and 'Traceback' not in err
+    assert (tmp_path / 'out' / 'model.safetensors').is_file()  # the verified folder is kept for a retry
