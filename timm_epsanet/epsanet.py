@@ -337,10 +337,15 @@ def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
 def _weights_unavailable_error(variant: str, error: Exception, kwargs: Dict[str, Any]) -> Optional[Exception]:
     """A clear error when the Hub cannot provide a variant's weights, else None."""
     try:
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         return None
-    if not isinstance(error, (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError)):
+    if not isinstance(error, (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)):
         return None
     from timm.models._builder import resolve_pretrained_cfg
 
@@ -354,7 +359,7 @@ def _weights_unavailable_error(variant: str, error: Exception, kwargs: Dict[str,
     if isinstance(error, LocalEntryNotFoundError):
         reason = 'they are not in the local Hugging Face cache and the Hub could not be reached (offline?)'
     else:
-        reason = 'the Hub has no such repository or weights file'
+        reason = 'the Hub has no such repository, revision or weights file'
     return RuntimeError(
         f'Pretrained weights for {tag} are not available from the Hugging Face Hub repository {hub_id!r}: '
         f'{reason}. Weights for this tag may not be published yet (see the timm-epsanet README, "Weights"); '
