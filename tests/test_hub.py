@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 from huggingface_hub import constants
-from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from safetensors.torch import load_file, save_file
 
 from timm_epsanet import HUB_ORGANIZATION, checkpoint_filter_fn, publish
@@ -154,6 +154,12 @@ def test_offline_and_not_cached_names_the_hub_id(hub, monkeypatch):
     assert "'timm-epsanet/epsanet101.in1k'" in message and 'epsanet101.in1k' in message
     assert 'not in the local Hugging Face cache' in message and 'not be published' in message
     assert isinstance(info.value.__cause__, LocalEntryNotFoundError)
+
+
+def test_missing_revision_names_the_hub_id(hub, pushed):
+    with pytest.raises(RuntimeError, match=f"'{REPO}@v9'.*no such repository, revision") as info:
+        timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=f'{REPO}@v9'))
+    assert isinstance(info.value.__cause__, RevisionNotFoundError)
 
 
 def test_missing_repository_names_the_hub_id(hub):
