@@ -138,6 +138,27 @@ class PyramidSqueezeAttention(nn.ModuleDict):
         return torch.cat(weighted, dim=1)
 
 
+def _check_downsample_input(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """Return ``x``, or refuse a map too small to downsample (padding alone would make the output).
+
+    Each stride-2 stage needs at least 2 pixels per side, so an image side must be more than half the
+    network's output stride (17 at output_stride 32, 9 at 16, 5 at 8).
+    """
+    height, width = x.shape[-2], x.shape[-1]
+    if height < stride or width < stride:
+        raise ValueError(
+            f'EPSANet: a {height}x{width} feature map is too small to downsample by {stride}: the input image '
+            f'is too small for the output_stride (each side must be more than half of it, e.g. at least 17 '
+            f'pixels at output_stride=32).'
+        )
+    return x
+
+
+# A leaf for FX tracing: the check runs on real shapes when the graph runs. It returns x so that FX
+# feature extraction (which drops nodes without users) keeps it.
+torch.fx.wrap('_check_downsample_input')
+
+
 class EPSABottleneck(nn.Module):
     """ResNet bottleneck whose 3x3 convolution is a Pyramid Squeeze Attention module.
 
@@ -236,6 +257,8 @@ class EPSABottleneck(nn.Module):
             nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = _check_downsample_input(x, self.stride)
         shortcut = x
 
         x = self.conv1(x)
