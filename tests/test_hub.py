@@ -65,17 +65,22 @@ def hub(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def authors_file(tmp_path_factory):
+def authors_ckpt():
+    return authors_checkpoint('epsanet50')
+
+
+@pytest.fixture(scope='module')
+def authors_file(tmp_path_factory, authors_ckpt):
     path = tmp_path_factory.mktemp('ckpt') / 'model_best.pth.tar'
-    torch.save(authors_checkpoint('epsanet50'), path)
+    torch.save(authors_ckpt, path)
     return path
 
 
 @pytest.fixture(scope='module')
-def reference():
+def reference(authors_ckpt):
     """epsanet50 with the authors' weights loaded directly, and its logits on the golden input."""
     model = timm.create_model('epsanet50').eval()
-    model.load_state_dict(checkpoint_filter_fn(authors_checkpoint('epsanet50'), model), strict=True)
+    model.load_state_dict(checkpoint_filter_fn(authors_ckpt, model), strict=True)
     with torch.no_grad():
         return model, model(golden_input())
 
@@ -205,19 +210,22 @@ def test_refuses_to_push_what_does_not_verify(hub, authors_file, tmp_path, monke
     assert not any(repo in path for _, path in hub.requests)
 
 
-@pytest.mark.parametrize('failure', ['unreachable', 'offline'])
-def test_push_failure_is_one_line(failure, hub, authors_file, tmp_path, monkeypatch, capsys):
-    if failure == 'unreachable':
-        with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-            s.bind(('127.0.0.1', 0))
-            port = s.getsockname()[1]
-        _point_hub_at(monkeypatch, f'http://127.0.0.1:{port}')
-        expected = f'could not push to http://127.0.0.1:{port}/testorg/x'
-    else:
-        monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
-        expected = 'HF_HUB_OFFLINE is set'
+def test_push_to_unreachable_hub_is_one_line(hub, authors_file, tmp_path, monkeypatch, capsys):
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    _point_hub_at(monkeypatch, f'http://127.0.0.1:{port}')
     argv = ['--model', 'epsanet50', '--checkpoint', str(authors_file), '--output-dir', str(tmp_path / 'out')]
     assert publish.main(argv + ['--repo-id', 'testorg/x']) == 1
     err = capsys.readouterr().err
-    assert err.startswith('error: ') and expected in err and err.count('\n') == 1 and 'Traceback' not in err
+    assert err.startswith(f'error: could not push to http://127.0.0.1:{port}/testorg/x')
+    assert err.count('\n') == 1 and 'Traceback' not in err
     assert (tmp_path / 'out' / 'model.safetensors').is_file()  # the verified folder is kept for a retry
+
+
+def test_push_refused_offline(hub, pushed, monkeypatch):
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    before = len(hub.requests)
+    with pytest.raises(publish.PublishError, match='HF_HUB_OFFLINE is set'):
+        publish.push_folder(pushed[0], 'testorg/offline')
+    assert len(hub.requests) == before

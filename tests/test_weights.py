@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from timm_epsanet import checkpoint_filter_fn, publish
 
-from official_weights import GOLDEN, authors_checkpoint, golden_input
+from official_weights import GOLDEN, authors_checkpoint, golden_input, official_keys
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-4
@@ -229,12 +229,16 @@ def test_timm_train_checkpoint_with_and_without_ema(tmp_path, weights):
         },
         path,
     )
-    for flags, expected in (([], weights), (['--use-ema'], ema)):
-        out = _export(tmp_path, path, *flags)
-        assert out.keys() == expected.keys()
-        assert all(torch.equal(out[k], expected[k]) for k in expected), flags
-        for p in (tmp_path / 'out').iterdir():
-            p.unlink()
+    # Without --use-ema: the trained weights, as for the authors' checkpoints.
+    checkpoint = publish.load_checkpoint(str(path))
+    assert checkpoint.kind == 'a timm train.py checkpoint (epoch 9)'
+    converted, _ = publish.convert_checkpoint(checkpoint, 'epsanet50')
+    assert all(torch.equal(converted[k], weights[k]) for k in weights)
+    # With --use-ema, end to end.
+    out = _export(tmp_path, path, '--use-ema')
+    assert out.keys() == ema.keys()
+    assert all(torch.equal(out[k], ema[k]) for k in ema)
+    assert 'EMA weights (state_dict_ema) of a timm train.py checkpoint' in (tmp_path / 'out' / 'README.md').read_text()
 
 
 @pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
@@ -244,8 +248,24 @@ def test_plain_state_dict_and_safetensors(suffix, tmp_path, weights):
         save_file(weights, path)
     else:
         torch.save({f'_orig_mod.{k}': v for k, v in weights.items()}, path)  # torch.compile'd model
-    out = _export(tmp_path, path)
-    assert all(torch.equal(out[k], weights[k]) for k in weights)
+    checkpoint = publish.load_checkpoint(str(path))
+    converted, model_kwargs = publish.convert_checkpoint(checkpoint, 'epsanet50')
+    assert model_kwargs == {'num_classes': 1000, 'in_chans': 3}
+    assert converted.keys() == weights.keys()
+    assert all(torch.equal(converted[k], weights[k]) for k in weights)
+
+
+def test_fine_tuned_checkpoint_keeps_its_head(tmp_path, weights, capsys):
+    """A checkpoint with another classifier size is published as it is (num_classes from the checkpoint)."""
+    tuned = dict(weights, **{'fc.weight': weights['fc.weight'][:10].clone(), 'fc.bias': weights['fc.bias'][:10]})
+    path = tmp_path / 'tuned.pth'
+    torch.save(tuned, path)
+    out = _export(tmp_path, path, '--dataset', 'cifar-10')
+    assert out['fc.weight'].shape == (10, 2048)
+    config = json.loads((tmp_path / 'out' / 'config.json').read_text())
+    assert config['num_classes'] == 10
+    model = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True)
+    assert torch.equal(model.fc.weight, tuned['fc.weight'])
 
 
 # --- errors: non-zero exit, one line that says what is wrong ---
@@ -253,6 +273,12 @@ def test_plain_state_dict_and_safetensors(suffix, tmp_path, weights):
 
 class NotAllowed:
     """An arbitrary class: unpickling it would run code of the checkpoint's choosing."""
+
+
+def _zero_authors_checkpoint(arch):
+    """An authors'-format checkpoint of ``arch`` (values do not matter, only names and shapes)."""
+    state_dict = {f'module.{k}': torch.zeros(shape) for k, shape in official_keys(arch).items()}
+    return {'epoch': 1, 'arch': arch, 'state_dict': state_dict, 'best_prec1': 0.0, 'optimizer': {}}
 
 
 def _write(path, data):
@@ -277,7 +303,7 @@ BAD_INPUTS = {
     ),
     'other-arch': (
         # epsanet101's stages 1, 2 and 4 have the same shapes: only the extra layer3 blocks give it away
-        lambda d: {'--checkpoint': _write(d / 'e101.pth', authors_checkpoint('epsanet101'))},
+        lambda d: {'--checkpoint': _write(d / 'e101.pth', _zero_authors_checkpoint('epsanet101'))},
         ['does not fit epsanet50', 'unexpected keys: layer3.10.', '--model epsanet101'],
     ),
     'no-ema': (lambda d: {'--use-ema': None}, ['no EMA weights', 'drop --use-ema']),
@@ -313,23 +339,28 @@ def test_verify_refuses_a_folder_that_differs(exported, reference):
 # --- the script itself ---
 
 
-def _run_script(*args):
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / 'hub_upload.py'), *args], capture_output=True, text=True, timeout=120
-    )
-
-
-def test_script_help():
-    proc = _run_script('--help')
-    assert proc.returncode == 0
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        publish.main(['--help'])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith('usage: hub_upload.py')
     for flag in ('--model', '--checkpoint', '--output-dir', '--repo-id', '--tag', '--use-ema', '--private'):
-        assert flag in proc.stdout
+        assert flag in out
     for flag in ('--revision', '--commit-message', '--top1', '--top5', '--dataset'):
-        assert flag in proc.stdout
+        assert flag in out
 
 
-def test_script_error_exit(tmp_path):
-    proc = _run_script('--model', 'epsanet50', '--checkpoint', str(tmp_path / 'missing.pth.tar'))
-    assert proc.returncode != 0
+def test_script_runs_from_the_repo_root(tmp_path):
+    """``python hub_upload.py`` works from a checkout, with the documented exit status and one-line errors."""
+    script = [sys.executable, str(REPO_ROOT / 'hub_upload.py')]
+    proc = subprocess.run(
+        script + ['--model', 'epsanet50', '--checkpoint', str(tmp_path / 'missing.pth.tar')],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1
     assert proc.stderr.count('\n') == 1 and 'does not exist' in proc.stderr and 'Traceback' not in proc.stderr
-    assert not (Path.cwd() / 'epsanet50.in1k').exists()
+    assert list(tmp_path.iterdir()) == []  # nothing written
