@@ -315,7 +315,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     adaptable = tuple(f'{cfg.get(n)}.' for n in ('classifier', 'first_conv') if cfg.get(n))
 
     missing = set(expected) - set(state_dict)
-    unexpected = set(state_dict) - set(expected)
+    # A model built with num_classes=0 has no classifier; timm drops the checkpoint's after this filter.
+    unexpected = {k for k in set(state_dict) - set(expected) if not k.startswith(adaptable)}
     # Checkpoints from before BatchNorm tracked its batch count load fine without it.
     missing = {k for k in missing if not k.endswith('num_batches_tracked')}
     mismatched = [
