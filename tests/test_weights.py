@@ -307,6 +307,7 @@ BAD_INPUTS = {
         ['does not fit epsanet50', 'unexpected keys: layer3.10.', '--model epsanet101'],
     ),
     'no-ema': (lambda d: {'--use-ema': None}, ['no EMA weights', 'drop --use-ema']),
+    'bad-repo-id': (lambda d: {'--repo-id': 'my org/epsanet'}, ["--repo-id 'my org/epsanet'", 'use ORG/NAME']),
     'dirty-output': (
         lambda d: {'--output-dir': _write(d / 'pytorch_model.bin', b'').parent},
         ['pytorch_model.bin', 'empty or new folder'],

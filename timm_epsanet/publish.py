@@ -507,6 +507,15 @@ def publish(
     from timm_epsanet import HUB_ORGANIZATION
 
     _check_model_name(model_name)
+    if repo_id:  # a bad id would otherwise only surface after the whole conversion
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(repo_id)
+        except ValueError as e:
+            raise PublishError(
+                f'--repo-id {repo_id!r} is not a Hub repository id ({_one_line(e)}); use ORG/NAME.'
+            ) from e
     default_repo = f'{HUB_ORGANIZATION}/{model_name}.{tag}'
     out_dir = Path(output_dir or f'{model_name}.{tag}')
 
