@@ -15,8 +15,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from huggingface_hub import constants
-from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from safetensors.torch import load_file, save_file
 
 from timm_epsanet import HUB_ORGANIZATION, checkpoint_filter_fn, publish
@@ -165,6 +170,16 @@ def test_missing_revision_names_the_hub_id(hub, pushed):
     with pytest.raises(RuntimeError, match=f"'{REPO}@v9'.*no such repository, revision") as info:
         timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=f'{REPO}@v9'))
     assert isinstance(info.value.__cause__, RevisionNotFoundError)
+
+
+def test_repository_without_weights_names_the_hub_id(hub):
+    repo = HfApi().create_repo('testorg/no-weights-yet').repo_id  # exists, but holds no weights file
+    with pytest.raises(RuntimeError, match="'testorg/no-weights-yet'.*not be published") as info:
+        timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=repo))
+    assert isinstance(info.value.__cause__, EntryNotFoundError)
+    # timm asked for the safetensors file, then for the pickle fallback; the Hub answered EntryNotFound to both.
+    assert ('HEAD', f'/{repo}/resolve/main/model.safetensors') in hub.requests
+    assert ('HEAD', f'/{repo}/resolve/main/pytorch_model.bin') in hub.requests
 
 
 def test_missing_repository_names_the_hub_id(hub):
