@@ -62,8 +62,11 @@ def test_too_small(model):
     assert out.shape == (1, 2048, 1, 1)
 
 
-def test_too_small_features_only():
-    backbone = timm.create_model('epsanet50', features_only=True, out_indices=(1, 2, 3, 4)).eval()
+@pytest.mark.parametrize('feature_cls', ['list', 'hook', 'fx', 'getter'])
+def test_too_small_features_only(feature_cls):
+    """The check survives every extractor, FX tracing included (it is a leaf there, run on real shapes)."""
+    backbone = timm.create_model('epsanet50', features_only=True, out_indices=(1, 2, 3, 4), feature_cls=feature_cls)
+    backbone.eval()
     with pytest.raises(ValueError, match=r'a 1x1 feature map is too small to downsample by 2'), torch.no_grad():
         backbone(torch.randn(1, 3, 16, 16))
 
