@@ -65,6 +65,7 @@ class FakeHub:
         self.requests: List[Tuple[str, str]] = []  # (method, path) of every request received
         self.auth_headers: List[str] = []  # Authorization headers received (to check the token is sent)
         self.lock = threading.Lock()
+        self._etags: Dict[Tuple[str, str], str] = {}  # (commit, path) -> ETag; hashing 90 MB per HEAD adds up
         self.server = ThreadingHTTPServer(('127.0.0.1', 0), _make_handler(self))
         self.server.daemon_threads = True
         self.endpoint = f'http://127.0.0.1:{self.server.server_address[1]}'
@@ -274,8 +275,10 @@ def _make_handler(hub: FakeHub):
             if content is None:
                 # X-Repo-Commit on the 404 lets the client cache that the file does not exist.
                 return self._error(404, 'EntryNotFound', f'{path} does not exist', {'X-Repo-Commit': sha})
+            with hub.lock:
+                etag = hub._etags.get((sha, path)) or hub._etags.setdefault((sha, path), _etag(path, content))
             headers = {
-                'ETag': f'"{_etag(path, content)}"',
+                'ETag': f'"{etag}"',
                 'X-Repo-Commit': sha,
                 'X-Linked-Size': str(len(content)),
                 'Content-Type': 'application/octet-stream',
