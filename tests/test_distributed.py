@@ -6,8 +6,8 @@ path is proven here with the pieces train.py uses: ``DistributedDataParallel``, 
 
 Each rank trains epsanet50 on its own data for a few SGD steps. Afterwards the model must be identical
 on both ranks, every parameter must have moved (an unused parameter would also make DDP raise on the
-next step), and the parameters must equal one process that averages the two ranks' losses, which is
-what DDP promises.
+next step), and the parameters must equal (bit for bit here) one process that steps a replica per rank
+with the average of the replicas' gradients, which is what DDP promises.
 
 PyTorch's SyncBatchNorm has no CPU kernel (it refuses CPU input in training), so on CPU the ranks
 normalise with their own batch statistics, as train.py without ``--sync-bn`` does; the converted model
@@ -85,7 +85,8 @@ def _free_port() -> int:
 
 
 def _reference() -> Dict[str, torch.Tensor]:
-    """One process, one model: the loss averaged over both ranks' batches, as DDP's gradient averaging gives."""
+    """DDP's promise computed in one process: one replica per rank, each taking the gradient of its own
+    batch, every replica stepping with the average of those gradients."""
     # The ranks' kernels: CPU convolutions sum in a thread-dependent order, and a freshly initialised
     # network on tiny batches amplifies that rounding noise far beyond any useful tolerance.
     threads = torch.get_num_threads()
@@ -97,16 +98,20 @@ def _reference() -> Dict[str, torch.Tensor]:
 
 
 def _train_reference() -> Dict[str, torch.Tensor]:
-    model = _model()
-    optimizer = torch.optim.SGD(model.parameters(), **SGD)
+    replicas = [_model() for _ in range(WORLD_SIZE)]
+    optimizers = [torch.optim.SGD(m.parameters(), **SGD) for m in replicas]
     for step in range(STEPS):
-        batches = [_batch(rank, step) for rank in range(WORLD_SIZE)]
-        # Each rank's BatchNorm sees only its own batch, so each batch gets its own forward.
-        loss = sum(F.cross_entropy(model(x), y) for x, y in batches) / WORLD_SIZE
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.state_dict()
+        for rank, model in enumerate(replicas):
+            x, y = _batch(rank, step)
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+        for params in zip(*(m.parameters() for m in replicas), strict=True):
+            mean_grad = sum(p.grad / WORLD_SIZE for p in params)
+            for p in params:
+                p.grad = mean_grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    return replicas[0].state_dict()
 
 
 def _run(tmp_path: Path, device_type: str, sync_bn: bool) -> List[dict]:

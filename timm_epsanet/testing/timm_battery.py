@@ -55,12 +55,15 @@ _cache_root: Optional[Path] = None
 def list_models_with_epsanet(*args: Any, **kwargs: Any) -> List[str]:
     """``timm.list_models`` that also lists our models when a module filter asks for timm's ResNets."""
     module = kwargs.get('module', args[1] if len(args) > 1 else '')
-    if not isinstance(module, str) and PEER_MODULE in module and EPSANET_MODULE not in module:
-        module = [*module, EPSANET_MODULE]
-        if 'module' in kwargs:
-            kwargs['module'] = module
-        else:
-            args = (args[0], module, *args[2:])
+    if isinstance(module, str):
+        return _ORIGINAL_LIST_MODELS(*args, **kwargs)
+    module = list(module)
+    if PEER_MODULE in module and EPSANET_MODULE not in module:
+        module.append(EPSANET_MODULE)
+    if 'module' in kwargs:
+        kwargs['module'] = module
+    else:
+        args = (args[0], module, *args[2:])
     return _ORIGINAL_LIST_MODELS(*args, **kwargs)
 
 
