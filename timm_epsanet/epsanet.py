@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Type
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SEModule
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -32,6 +33,74 @@ __all__ = ['PyramidSqueezeAttention', 'EPSABottleneck', 'checkpoint_filter_fn', 
 # The one place that says where this package's weights live on the Hugging Face Hub.
 # Publishing under another organisation is a change of this line.
 HUB_ORGANIZATION = 'timm-epsanet'
+
+PSA_IMPLS = ('fast', 'reference')
+
+
+def _fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """The layout the PSA branch convolutions run fastest in: channels_last on CPU, the caller's elsewhere.
+
+    oneDNN's grouped large-kernel convolutions are 1.3-5x faster (forward and backward) on channels_last
+    maps than on NCHW ones. Converting at the PSA input is enough: every later layer keeps the layout of
+    its input, so an NCHW network pays for one conversion per block input it did not already convert.
+    """
+    if x.device.type == 'cpu' and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _branch_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+) -> torch.Tensor:
+    """A PSA branch convolution (no bias), re-expressed as depthwise convolutions where that is faster.
+
+    A grouped convolution with ``out_per_group`` outputs per group equals, for every output slot ``j``, a
+    depthwise convolution of all input channels with the slot-``j`` kernels followed by a sum over each
+    group's input channels: the same MACs, but oneDNN's depthwise kernels run at several times the speed
+    of its grouped ones when a group has few outputs. Measured on CPU (channels_last, batch 8): 4-5x for one
+    output per group, ~2x for two; slower for wider groups and, except for one output per group, in the
+    backward pass, so the rewrite is limited to those cases. Only the weight view changes: the parameter
+    and its gradient are the original grouped-conv tensor.
+    """
+    out_chs, in_per_group, kh, kw = weight.shape
+    out_per_group = out_chs // groups
+    use_depthwise = x.device.type == 'cpu' and groups > 1
+    if use_depthwise:
+        if torch.is_grad_enabled():
+            use_depthwise = out_per_group == 1
+        else:
+            use_depthwise = out_per_group <= 2 or (out_per_group <= 4 and kh >= 7)
+    if not use_depthwise:
+        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+    in_chs = in_per_group * groups
+    slots = weight.view(groups, out_per_group, in_per_group, kh, kw)
+    outs: List[torch.Tensor] = []
+    channels_last = False
+    for j in range(out_per_group):
+        y = F.conv2d(x, slots[:, j].reshape(in_chs, 1, kh, kw), None, stride, padding, dilation, in_chs)
+        batch, _, height, width = y.shape
+        channels_last = y.is_contiguous(memory_format=torch.channels_last)
+        if channels_last:  # sum each group's channels where they are adjacent, keeping the layout
+            outs.append(y.permute(0, 2, 3, 1).reshape(batch, height, width, groups, in_per_group).sum(-1))
+        else:
+            outs.append(y.reshape(batch, groups, in_per_group, height, width).sum(2))
+    if channels_last:
+        # (B, H, W, groups, out_per_group) is the grouped conv's channel order, channels_last.
+        y = outs[0] if out_per_group == 1 else torch.stack(outs, dim=-1)
+        return y.reshape(y.shape[0], y.shape[1], y.shape[2], out_chs).permute(0, 3, 1, 2)
+    y = outs[0] if out_per_group == 1 else torch.stack(outs, dim=2)
+    return y.reshape(y.shape[0], out_chs, y.shape[-2], y.shape[-1])
+
+
+# Leaves for FX tracing: their device / grad-mode choices are made when the graph runs, not when traced.
+torch.fx.wrap('_fast_layout')
+torch.fx.wrap('_branch_conv')
 
 
 class PyramidSqueezeAttention(nn.ModuleDict):
@@ -58,6 +127,9 @@ class PyramidSqueezeAttention(nn.ModuleDict):
         dilation: Dilation of every branch convolution; padding keeps the output aligned.
         rd_ratio: Squeeze-excite reduction (hidden channels = floor(branch channels * rd_ratio)).
         act_layer: Activation inside the squeeze-excite module.
+        impl: ``'fast'`` (default) runs :meth:`forward_fast`, ``'reference'`` runs :meth:`forward_reference`;
+            both compute the same function (to float rounding) from the same parameters. Can be changed on a
+            built module through the ``impl`` attribute.
     """
 
     def __init__(
@@ -70,10 +142,13 @@ class PyramidSqueezeAttention(nn.ModuleDict):
         dilation: int = 1,
         rd_ratio: float = 1.0 / 16,
         act_layer: Type[nn.Module] = nn.ReLU,
+        impl: str = 'fast',
         device=None,
         dtype=None,
     ):
         dd = {'device': device, 'dtype': dtype}
+        if impl not in PSA_IMPLS:
+            raise ValueError(f'PyramidSqueezeAttention: impl must be one of {PSA_IMPLS}, got {impl!r}.')
         if len(kernel_sizes) != len(groups):
             raise ValueError(f'PyramidSqueezeAttention: {len(kernel_sizes)} kernel sizes but {len(groups)} groups.')
         num_branches = len(kernel_sizes)
@@ -115,6 +190,7 @@ class PyramidSqueezeAttention(nn.ModuleDict):
         super().__init__(branches)
         self.num_branches = num_branches
         self.branch_chs = branch_chs
+        self.impl = impl
 
     def branch_gate(self, x: torch.Tensor) -> torch.Tensor:
         """Sigmoid gate of the shared squeeze-excite module for one branch, shape (B, C, 1, 1)."""
@@ -124,6 +200,50 @@ class PyramidSqueezeAttention(nn.ModuleDict):
         return se.gate(se.fc2(x_se))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == 'reference':
+            return self.forward_reference(x)
+        return self.forward_fast(x)
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The PSA function of :meth:`forward_reference`, computed the fast way.
+
+        * On CPU the branches run on a channels_last copy of ``x`` (see ``_fast_layout``); the output is
+          then channels_last too, whatever the caller's layout, and later layers stay in it.
+        * Branch convolutions with few outputs per group run as depthwise convolutions (``_branch_conv``).
+        * Without autograd, the squeeze-excite module runs once on the pooled features of all branches
+          stacked on the batch axis, and the branches are concatenated once (in the authors' reversed order)
+          and weighted in a single multiply. With autograd the glue stays per branch as in the reference:
+          the batched form saved ~3% of time but raised a training step's peak memory by ~10%.
+        """
+        x = _fast_layout(x)
+        feats: List[torch.Tensor] = []
+        for layer in self.values():
+            if hasattr(layer, 'groups'):  # the branch convs, not 'se' (TorchScript resolves this per module)
+                feats.append(_branch_conv(x, layer.weight, layer.stride, layer.padding, layer.dilation, layer.groups))
+        if torch.is_grad_enabled():
+            return self._weigh_branches(feats)
+
+        batch = x.shape[0]
+        se = self.se
+        pooled = torch.cat([feat.mean((2, 3), keepdim=True) for feat in feats], dim=0)  # (N*B, C, 1, 1)
+        gates = se.gate(se.fc2(se.act(se.bn(se.fc1(pooled)))))
+        attn = gates.view(self.num_branches, batch, self.branch_chs).softmax(dim=0)
+        # Authors' concatenation order: last branch first, for the features and their weights alike.
+        feats.reverse()
+        attn = attn.flip(0).transpose(0, 1).reshape(batch, self.num_branches * self.branch_chs, 1, 1)
+        return torch.cat(feats, dim=1) * attn
+
+    def _weigh_branches(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        """Gate, softmax-weigh and concatenate (reversed) the branch outputs, one branch at a time."""
+        gates = [self.branch_gate(feat) for feat in feats]
+        # Softmax across branches of the *sigmoid* outputs, as the authors compute it.
+        attn = torch.stack(gates, dim=1).softmax(dim=1)
+        weighted = [feats[i] * attn[:, i] for i in range(self.num_branches)]
+        weighted.reverse()  # authors' concatenation order: last branch first
+        return torch.cat(weighted, dim=1)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The PSA function written plainly, one step per line of the paper; the fast path's yardstick."""
         feats: List[torch.Tensor] = []
         gates: List[torch.Tensor] = []
         for name, layer in self.items():
@@ -189,6 +309,7 @@ class EPSABottleneck(nn.Module):
         psa_kernels: Sequence[int] = (3, 5, 7, 9),
         psa_groups: Sequence[int] = (1, 4, 8, 16),
         psa_rd_ratio: float = 1.0 / 16,
+        psa_impl: str = 'fast',
         device=None,
         dtype=None,
     ):
@@ -212,6 +333,7 @@ class EPSABottleneck(nn.Module):
             psa_kernels: Kernel size of each PSA branch.
             psa_groups: Groups of each PSA branch.
             psa_rd_ratio: Squeeze-excite reduction inside the PSA module.
+            psa_impl: PSA forward implementation, ``'fast'`` or ``'reference'`` (same function).
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
@@ -237,6 +359,7 @@ class EPSABottleneck(nn.Module):
             stride=stride,
             dilation=first_dilation,
             rd_ratio=psa_rd_ratio,
+            impl=psa_impl,
             **dd,
         )
         self.bn2 = norm_layer(width, **dd)
@@ -342,7 +465,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
 
 
 def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
-    """Build an EPSANet variant on timm's ResNet, loading pretrained weights when asked."""
+    """Build an EPSANet variant on timm's ResNet, loading pretrained weights when asked.
+
+    ``psa_impl='reference'`` selects the plain PSA forward in every block (see ``PyramidSqueezeAttention``).
+    """
+    if 'psa_impl' in kwargs:
+        kwargs['block_args'] = dict(kwargs.get('block_args') or {}, psa_impl=kwargs.pop('psa_impl'))
     try:
         return build_model_with_cfg(
             ResNet,

@@ -1,0 +1,216 @@
+"""The fast PSA forward computes what the reference forward computes, and the benchmark CLI runs.
+
+The reference (``forward_reference``) is the plain formulation the golden tests tie to the authors'
+code; here the fast path (layout switch, depthwise re-expressions, batched squeeze-excite) is checked
+against it: outputs and gradients to 1e-4 in float32, and to float64 rounding in float64.
+"""
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import timm_epsanet.epsanet as epsanet
+from timm_epsanet import PyramidSqueezeAttention
+from timm_epsanet.benchmark import main as benchmark_main
+from timm_epsanet.benchmark import training_peak_memory
+
+TOL = 1e-4
+
+# (in_chs, out_chs, kernels, groups, stride, dilation, size): EPSANet-50's stages (1, 2 and 4 outputs per
+# group in the big branches), the Large variant's 32 groups, stride 2 on an odd map and dilation.
+CONFIGS = {
+    'layer1': (64, 64, (3, 5, 7, 9), (1, 4, 8, 16), 1, 1, 15),
+    'layer2_s2_odd': (128, 128, (3, 5, 7, 9), (1, 4, 8, 16), 2, 1, 13),
+    'layer3_dilated': (256, 256, (3, 5, 7, 9), (1, 4, 8, 16), 1, 2, 9),
+    'large_layer1': (128, 128, (3, 5, 5, 7), (32, 32, 32, 32), 1, 1, 10),
+}
+
+
+def _pair(name, dtype=torch.float32):
+    in_chs, out_chs, kernels, groups, stride, dilation, size = CONFIGS[name]
+    torch.manual_seed(0)
+    fast = PyramidSqueezeAttention(
+        in_chs, out_chs, kernel_sizes=kernels, groups=groups, stride=stride, dilation=dilation
+    ).to(dtype)
+    ref = PyramidSqueezeAttention(
+        in_chs, out_chs, kernel_sizes=kernels, groups=groups, stride=stride, dilation=dilation, impl='reference'
+    ).to(dtype)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, in_chs, size, size + 2, dtype=dtype)  # non-square: catches H/W mix-ups
+    return fast, ref, x
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+@pytest.mark.parametrize('channels_last', [False, True], ids=['nchw', 'cl'])
+def test_fast_equals_reference_no_grad(name, channels_last):
+    fast, ref, x = _pair(name)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = ref(x)
+        out = fast(x)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_fast_equals_reference_gradients(name):
+    fast, ref, x = _pair(name)
+    grad_out = None
+    results = []
+    for module in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        out = module(xi)
+        if grad_out is None:
+            grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+        results.append((out, xi.grad, [p.grad for p in module.parameters()]))
+    (out_r, gx_r, gp_r), (out_f, gx_f, gp_f) = results
+    torch.testing.assert_close(out_f, out_r, rtol=0, atol=TOL)
+    torch.testing.assert_close(gx_f, gx_r, rtol=0, atol=TOL)
+    for g_f, g_r in zip(gp_f, gp_r, strict=True):
+        torch.testing.assert_close(g_f, g_r, rtol=0, atol=TOL * max(1.0, g_r.abs().max().item()))
+
+
+@pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'grad'])
+def test_fast_equals_reference_float64(grad):
+    """In float64 the two paths differ only by summation order (~1e-15), so any real slip shows."""
+    fast, ref, x = _pair('layer1', torch.float64)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    'groups, out_chs, grad, expect_depthwise',
+    [
+        (16, 16, True, True),  # one output per group: depthwise also in training
+        (8, 16, True, False),  # two per group: grouped kernel in training (its depthwise backward is slow)
+        (8, 16, False, True),  # ...but depthwise without autograd
+        (4, 16, False, True),  # four per group with a large kernel (9): depthwise
+        (1, 16, False, False),  # dense: untouched
+    ],
+)
+def test_branch_conv_rewrite_is_exact_and_taken(monkeypatch, groups, out_chs, grad, expect_depthwise):
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 11, 9)
+    weight = torch.randn(out_chs, 32 // groups, 9, 9)
+    expected = F.conv2d(x, weight, None, [2, 2], [8, 8], [2, 2], groups)
+    calls = []
+    conv2d = F.conv2d
+
+    def recording_conv2d(*args):
+        calls.append(args[-1])  # groups
+        return conv2d(*args)
+
+    monkeypatch.setattr(epsanet.F, 'conv2d', recording_conv2d)
+    with torch.set_grad_enabled(grad):
+        out = epsanet._branch_conv(x, weight, [2, 2], [8, 8], [2, 2], groups)
+    torch.testing.assert_close(out, expected, rtol=0, atol=TOL)
+    assert (calls[0] == 32) == expect_depthwise, calls
+
+
+def test_model_fast_equals_reference():
+    """Whole network, NCHW input: float32 logits to 1e-4, and float64 parameter gradients to rounding.
+
+    Gradients are compared in float64 because in float32 the layout switch's rounding (~1e-7) can flip a
+    ReLU whose input is that close to zero, which moves single gradient entries by ~1e-4.
+    """
+    torch.manual_seed(0)
+    fast = timm.create_model('epsanet50', num_classes=10).eval()
+    ref = timm.create_model('epsanet50', num_classes=10, psa_impl='reference').eval()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 64, 72)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=TOL)
+    for model in (fast.double(), ref.double()):
+        model(x.double()).logsumexp(dim=1).sum().backward()
+    for (name, p_f), p_r in zip(fast.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p_f.grad, p_r.grad, rtol=0, atol=1e-10, msg=name)
+
+
+def test_impl_selection_and_state_dict():
+    ref = timm.create_model('epsanet50', psa_impl='reference', device='meta')
+    fast = timm.create_model('epsanet50', device='meta')
+    psas = [m for m in ref.modules() if isinstance(m, PyramidSqueezeAttention)]
+    assert len(psas) == 16 and all(m.impl == 'reference' for m in psas)
+    assert all(m.impl == 'fast' for m in fast.modules() if isinstance(m, PyramidSqueezeAttention))
+    # Same names and shapes: checkpoints are interchangeable between the two paths.
+    assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in fast.state_dict().items()}
+    with pytest.raises(ValueError, match="impl must be one of \\('fast', 'reference'\\), got 'quick'"):
+        PyramidSqueezeAttention(64, 64, impl='quick')
+    with pytest.raises(ValueError, match='impl must be one of'):
+        timm.create_model('epsanet50', psa_impl='quick', device='meta')
+
+
+def test_fast_path_never_changes_parameters():
+    """The layout switch is on activations only: parameters stay NCHW-contiguous (safetensors needs that)."""
+    fast, _, x = _pair('layer1')
+    before = {k: v.clone() for k, v in fast.state_dict().items()}
+    out = fast(x)
+    out.sum().backward()
+    for k, v in fast.state_dict().items():
+        assert v.is_contiguous() and torch.equal(v, before[k]), k
+    # On CPU the output comes out channels_last (same values); the caller's layout is not required.
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fast_path_scripts_and_traces():
+    fast, ref, x = _pair('layer2_s2_odd')
+    with torch.no_grad():
+        expected = ref(x)
+        scripted = torch.jit.script(fast)
+        torch.testing.assert_close(scripted(x), expected, rtol=0, atol=TOL)
+        traced = torch.fx.symbolic_trace(fast)
+        # The device / grad-mode dependent helpers are FX leaves, decided when the graph runs.
+        targets = {n.target for n in traced.graph.nodes if n.op == 'call_function'}
+        assert epsanet._branch_conv in targets and epsanet._fast_layout in targets
+        torch.testing.assert_close(traced(x), expected, rtol=0, atol=TOL)
+
+
+def test_benchmark_cli_smoke(capsys):
+    """Tiny run of ``python -m timm_epsanet.benchmark``: tables with ratios, progress on stderr."""
+    results = benchmark_main(
+        [
+            '--models',
+            'epsanet50,epsanet50:reference',
+            '--modes',
+            'infer,train',
+            '--batch-sizes',
+            '1',
+            '--train-batch-sizes',
+            '2',
+            '--formats',
+            'nchw',
+            '--img-size',
+            '32',
+            '--rounds',
+            '1',
+            '--warmup',
+            '0',
+            '--no-memory',
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert 'CPU:' in out and 'torch threads' in out
+    assert '### infer batch 1 nchw' in out and '### train batch 2 nchw' in out
+    assert '| epsanet50:reference |' in out and '1.00x / 1.00x' in out
+    assert 'round 1/1' in err
+    timings = results['train batch 2 nchw']['epsanet50']
+    assert len(timings.wall) == 1 and timings.wall[0] > 0
+
+
+def test_benchmark_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        benchmark_main(['--models', 'resnet50:reference'])
+    assert 'only EPSANet models' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark_main(['--formats', 'nhwc'])
+    assert "unknown format 'nhwc'" in capsys.readouterr().err
+
+
+def test_training_peak_memory_probe():
+    mib = training_peak_memory('epsanet50', 2, 32, 'nchw', torch.device('cpu'))
+    assert math.isfinite(mib) and mib >= 0
