@@ -25,10 +25,10 @@ from huggingface_hub.errors import (
 )
 from safetensors.torch import load_file, save_file
 
-from timm_epsanet import HUB_ORGANIZATION, checkpoint_filter_fn, publish
+from timm_epsanet import HUB_ORGANIZATION, publish
 
 from fake_hub import FakeHub
-from official_weights import GOLDEN, authors_checkpoint, golden_input
+from official_weights import GOLDEN, golden_input
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = 'hf_dummy_token_for_tests'
@@ -68,27 +68,6 @@ def hub(tmp_path_factory):
         for name in ('HF_HUB_CACHE', 'HUGGINGFACE_HUB_CACHE', 'HUGGING_FACE_HUB_TOKEN', 'TRANSFORMERS_OFFLINE'):
             mp.delenv(name, raising=False)
         yield fake
-
-
-@pytest.fixture(scope='module')
-def authors_ckpt():
-    return authors_checkpoint('epsanet50')
-
-
-@pytest.fixture(scope='module')
-def authors_file(tmp_path_factory, authors_ckpt):
-    path = tmp_path_factory.mktemp('ckpt') / 'model_best.pth.tar'
-    torch.save(authors_ckpt, path)
-    return path
-
-
-@pytest.fixture(scope='module')
-def reference(authors_ckpt):
-    """epsanet50 with the authors' weights loaded directly, and its logits on the golden input."""
-    model = timm.create_model('epsanet50').eval()
-    model.load_state_dict(checkpoint_filter_fn(authors_ckpt, model), strict=True)
-    with torch.no_grad():
-        return model, model(golden_input())
 
 
 @pytest.fixture(scope='module')

@@ -19,9 +19,9 @@ import yaml
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
-from timm_epsanet import checkpoint_filter_fn, publish
+from timm_epsanet import publish
 
-from official_weights import GOLDEN, authors_checkpoint, golden_input, official_keys
+from official_weights import GOLDEN, golden_input, official_keys
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-4
@@ -35,32 +35,9 @@ def no_hub(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope='module')
-def authors_ckpt():
-    """What the authors' main.py writes (DataParallel prefixes, epoch, optimizer), for epsanet50."""
-    return authors_checkpoint('epsanet50')
-
-
-@pytest.fixture(scope='module')
 def weights(authors_ckpt):
     """The authors'-named deterministic state dict."""
     return {k.removeprefix('module.'): v for k, v in authors_ckpt['state_dict'].items()}
-
-
-@pytest.fixture(scope='module')
-def authors_file(tmp_path_factory, authors_ckpt):
-    path = tmp_path_factory.mktemp('ckpt') / 'model_best.pth.tar'
-    torch.save(authors_ckpt, path)
-    return path
-
-
-@pytest.fixture(scope='module')
-def reference(authors_ckpt):
-    """epsanet50 with the authors' weights loaded directly, bypassing everything under test here."""
-    model = timm.create_model('epsanet50').eval()
-    model.load_state_dict(checkpoint_filter_fn(authors_ckpt, model), strict=True)
-    with torch.no_grad():
-        logits = model(golden_input())
-    return model, logits
 
 
 @pytest.fixture(scope='module')
