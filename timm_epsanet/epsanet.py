@@ -24,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SEModule
-from timm.layers.activations import Sigmoid
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._helpers import clean_state_dict
 from timm.models.resnet import ResNet
@@ -71,60 +70,13 @@ def _branch_conv(
     out_chs, in_per_group, kh, kw = weight.shape
     out_per_group = out_chs // groups
     use_depthwise = x.device.type == 'cpu' and groups > 1
-    use_depthwise = use_depthwise and (out_per_group <= 2 or (out_per_group <= 4 and kh >= 7))
+    if use_depthwise:
+        if torch.is_grad_enabled():
+            use_depthwise = out_per_group == 1
+        else:
+            use_depthwise = out_per_group <= 2 or (out_per_group <= 4 and kh >= 7)
     if not use_depthwise:
         return F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        if torch.jit.is_scripting():
-            return F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        return _depthwise_forward_with_grad(x, weight, stride, padding, dilation, groups)
-    return _depthwise_conv(x, weight, stride, padding, dilation, groups)
-
-
-@torch.jit.unused
-def _depthwise_forward_with_grad(x, weight, stride, padding, dilation, groups) -> torch.Tensor:
-    """``_DepthwiseForward`` in eager mode; the plain grouped convolution while a graph is being captured."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
-        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    return _DepthwiseForward.apply(x, weight, stride, padding, dilation, groups)
-
-
-class _DepthwiseForward(torch.autograd.Function):
-    """A grouped convolution whose forward runs as depthwise convolutions and whose backward is the grouped one.
-
-    oneDNN's depthwise forward is several times faster than its grouped forward for few outputs per group,
-    but the depthwise backward (plus the group sums' backward) is slower than the grouped backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, stride, padding, dilation, groups):
-        ctx.conv_args = (stride, padding, dilation, groups)
-        ctx.save_for_backward(x, weight)
-        return _depthwise_conv(x, weight, stride, padding, dilation, groups)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv_args
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_out, x, weight, None, stride, padding, dilation, False, [0, 0], groups, mask
-        )
-        return grad_x, grad_w, None, None, None, None
-
-
-def _depthwise_conv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-    groups: int,
-) -> torch.Tensor:
-    """The grouped convolution ``conv2d(x, weight, groups=groups)`` as depthwise convolutions and group sums."""
-    out_chs, in_per_group, kh, kw = weight.shape
-    out_per_group = out_chs // groups
 
     in_chs = in_per_group * groups
     slots = weight.view(groups, out_per_group, in_per_group, kh, kw)
@@ -146,100 +98,9 @@ def _depthwise_conv(
     return y.reshape(y.shape[0], out_chs, y.shape[-2], y.shape[-1])
 
 
-def _se_gates(pooled: torch.Tensor, fc1_w, fc1_b, fc2_w, fc2_b) -> torch.Tensor:
-    """The PSA's squeeze-excite (1x1 conv, ReLU, 1x1 conv, sigmoid) on pooled maps of shape (N, C, 1, 1)."""
-    return torch.sigmoid(F.conv2d(F.relu(F.conv2d(pooled, fc1_w, fc1_b)), fc2_w, fc2_b))
-
-
-def _weigh_into(feats: Sequence[torch.Tensor], attn: torch.Tensor) -> torch.Tensor:
-    """Multiply each branch by its weights (attn: (N, B, C)) straight into its slot of the reversed concat."""
-    num, batch, chs = attn.shape
-    first = feats[0]
-    fmt = torch.channels_last if first.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    size = (batch, num * chs, first.shape[2], first.shape[3])
-    out = torch.empty(size, dtype=first.dtype, device=first.device, memory_format=fmt)
-    for i, feat in enumerate(feats):
-        lo = (num - 1 - i) * chs  # authors' concatenation order: last branch first
-        torch.mul(feat, attn[i].view(batch, chs, 1, 1), out=out[:, lo : lo + chs])
-    return out
-
-
-class _PsaGlue(torch.autograd.Function):
-    """Squeeze-excite gates, softmax across branches and the weighted reversed concat as one autograd node.
-
-    Autograd through the plain formulation keeps every weighted branch, expands each pooled gradient to a
-    full map and adds it to the multiply's gradient, and copies the concatenation. Here the forward writes
-    the weighted branches straight into the output and the backward saves only the branch maps and the
-    small pooled / attention tensors; the squeeze-excite part (a few KiB) is recomputed under autograd.
-    """
-
-    @staticmethod
-    def forward(ctx, num: int, *tensors: torch.Tensor) -> torch.Tensor:
-        feats, params = tensors[:num], tensors[num:]
-        batch, chs = feats[0].shape[0], feats[0].shape[1]
-        pooled = torch.cat([f.mean((2, 3), keepdim=True) for f in feats], dim=0)
-        attn = _se_gates(pooled, *params).view(num, batch, chs).softmax(dim=0)
-        ctx.num = num
-        ctx.save_for_backward(pooled, attn, *tensors)
-        return _weigh_into(feats, attn)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        num = ctx.num
-        pooled, attn, *tensors = ctx.saved_tensors
-        feats, params = tensors[:num], tensors[num:]
-        batch, chs = attn.shape[1], attn.shape[2]
-        grad_slices = [grad_out[:, (num - 1 - i) * chs : (num - i) * chs] for i in range(num)]
-        grad_attn = torch.stack([(g * f).sum((2, 3)) for g, f in zip(grad_slices, feats, strict=True)])
-
-        with torch.enable_grad():
-            pooled_ = pooled.detach().requires_grad_(True)
-            params_ = [p.detach().requires_grad_(p.requires_grad) for p in params]
-            attn_ = _se_gates(pooled_, *params_).view(num, batch, chs).softmax(dim=0)
-            inputs = [pooled_] + [p for p in params_ if p.requires_grad]
-            grads = torch.autograd.grad(attn_, inputs, grad_attn)
-        grad_pooled = (grads[0] / (feats[0].shape[2] * feats[0].shape[3])).view(num, batch, chs, 1, 1)
-        grad_params = iter(grads[1:])
-        out: List[Optional[torch.Tensor]] = [None]
-        for i in range(num):
-            if ctx.needs_input_grad[1 + i]:
-                # d(out)/d(feat) plus the mean pool's share, in one pass
-                out.append(torch.addcmul(grad_pooled[i], grad_slices[i], attn[i].view(batch, chs, 1, 1)))
-            else:
-                out.append(None)
-        out.extend(next(grad_params) if p.requires_grad else None for p in params)
-        return tuple(out)
-
-
-@torch.jit.unused
-def _psa_glue(feats: List[torch.Tensor], fc1_w, fc1_b, fc2_w, fc2_b) -> torch.Tensor:
-    """Gate, softmax-weigh and concatenate (reversed) the PSA branch maps; the function of the reference.
-
-    Picks the fastest exact form when it runs: the fused autograd node (``_PsaGlue``) when gradients are
-    needed on CPU, the batched forward into one output buffer without autograd, and the plain per-branch
-    formulation under tracing / export / ``torch.compile`` and on other devices with autograd.
-    """
-    params = (fc1_w, fc1_b, fc2_w, fc2_b)
-    num, batch = len(feats), feats[0].shape[0]
-    capturing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*feats, *params))
-    if not capturing and not needs_grad:
-        pooled = torch.cat([f.mean((2, 3), keepdim=True) for f in feats], dim=0)
-        return _weigh_into(feats, _se_gates(pooled, *params).view(num, batch, -1).softmax(dim=0))
-    if not capturing and feats[0].device.type == 'cpu':
-        return _PsaGlue.apply(num, *feats, *params)
-    gates = [_se_gates(f.mean((2, 3), keepdim=True), *params) for f in feats]
-    attn = torch.stack(gates, dim=1).softmax(dim=1)
-    weighted = [feats[i] * attn[:, i] for i in range(num)]
-    weighted.reverse()
-    return torch.cat(weighted, dim=1)
-
-
 # Leaves for FX tracing: their device / grad-mode choices are made when the graph runs, not when traced.
 torch.fx.wrap('_fast_layout')
 torch.fx.wrap('_branch_conv')
-torch.fx.wrap('_psa_glue')
 
 
 class PyramidSqueezeAttention(nn.ModuleDict):
@@ -330,14 +191,6 @@ class PyramidSqueezeAttention(nn.ModuleDict):
         self.num_branches = num_branches
         self.branch_chs = branch_chs
         self.impl = impl
-        # The fused glue (``_psa_glue``) spells out this squeeze-excite: 1x1 convs with bias, ReLU, sigmoid.
-        se = branches['se']
-        self._plain_se = (
-            isinstance(se.bn, nn.Identity)
-            and isinstance(se.act, nn.ReLU)
-            and isinstance(se.gate, (nn.Sigmoid, Sigmoid))
-            and se.fc1.bias is not None
-        )
 
     def branch_gate(self, x: torch.Tensor) -> torch.Tensor:
         """Sigmoid gate of the shared squeeze-excite module for one branch, shape (B, C, 1, 1)."""
@@ -367,13 +220,11 @@ class PyramidSqueezeAttention(nn.ModuleDict):
         for layer in self.values():
             if hasattr(layer, 'groups'):  # the branch convs, not 'se' (TorchScript resolves this per module)
                 feats.append(_branch_conv(x, layer.weight, layer.stride, layer.padding, layer.dilation, layer.groups))
-        se = self.se
-        if not torch.jit.is_scripting() and self._plain_se:
-            return _psa_glue(feats, se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias)
         if torch.is_grad_enabled():
             return self._weigh_branches(feats)
 
         batch = x.shape[0]
+        se = self.se
         pooled = torch.cat([feat.mean((2, 3), keepdim=True) for feat in feats], dim=0)  # (N*B, C, 1, 1)
         gates = se.gate(se.fc2(se.act(se.bn(se.fc1(pooled)))))
         attn = gates.view(self.num_branches, batch, self.branch_chs).softmax(dim=0)
