@@ -171,6 +171,17 @@ def _make_handler(hub: FakeHub):
                 self._error(404, 'RepoNotFound', 'Repository not found')
             return repo
 
+        def _snapshot(self, repo_id: str, revision: str) -> Optional[Tuple[Repo, str]]:
+            """The repository and the commit a revision names, or None once a 404 has been sent."""
+            repo = self._repo(repo_id)
+            if repo is None:
+                return None
+            sha = repo.resolve(revision)
+            if sha is None:
+                self._error(404, 'RevisionNotFound', f'Invalid rev id: {revision}')
+                return None
+            return repo, sha
+
         # --- verbs ---
 
         def do_HEAD(self) -> None:
@@ -246,12 +257,10 @@ def _make_handler(hub: FakeHub):
 
         def _info(self, repo_id: str, revision: str) -> None:
             with hub.lock:
-                repo = self._repo(repo_id)
-                if repo is None:
+                snapshot = self._snapshot(repo_id, revision)
+                if snapshot is None:
                     return
-                sha = repo.resolve(revision)
-                if sha is None:
-                    return self._error(404, 'RevisionNotFound', f'Invalid rev id: {revision}')
+                repo, sha = snapshot
                 files = sorted(repo.commits[sha])
             info = {
                 'id': repo_id,
@@ -265,12 +274,10 @@ def _make_handler(hub: FakeHub):
 
         def _resolve(self, repo_id: str, revision: str, path: str) -> None:
             with hub.lock:
-                repo = self._repo(repo_id)
-                if repo is None:
+                snapshot = self._snapshot(repo_id, revision)
+                if snapshot is None:
                     return
-                sha = repo.resolve(revision)
-                if sha is None:
-                    return self._error(404, 'RevisionNotFound', f'Invalid rev id: {revision}')
+                repo, sha = snapshot
                 content = repo.commits[sha].get(path)
             if content is None:
                 # X-Repo-Commit on the 404 lets the client cache that the file does not exist.
