@@ -32,7 +32,7 @@ import timm
 import timm.models
 import timm.models._registry
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 import timm_epsanet  # noqa: F401  (registers the models with timm)
 from timm_epsanet.epsanet import HUB_ORGANIZATION
@@ -120,10 +120,7 @@ def cache_test_weights(cache_dir: Path, model_name: str) -> Path:
         torch.manual_seed(0)
         model = timm.create_model(model_name)
     state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / 'model.safetensors'
-        save_file(state_dict, str(path), metadata={'format': 'pt'})
-        data = path.read_bytes()
+    data = save_safetensors(state_dict, metadata={'format': 'pt'})
     return write_hub_cache_entry(cache_dir, cfg.hf_hub_id, 'model.safetensors', data)
 
 
