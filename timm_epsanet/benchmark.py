@@ -66,7 +66,7 @@ def parse_model_spec(spec: str) -> Dict[str, object]:
     name, _, impl = spec.partition(':')
     if impl and impl not in ('fast', 'reference'):
         raise ValueError(f'Model spec {spec!r}: the part after ":" must be "fast" or "reference".')
-    if name not in timm.list_models():
+    if not timm.is_model(name):
         raise ValueError(f'Model spec {spec!r}: timm has no model {name!r}.')
     if impl and not name.startswith('epsanet'):
         raise ValueError(f'Model spec {spec!r}: only EPSANet models have a PSA implementation to choose.')
