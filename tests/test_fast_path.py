@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import timm_epsanet.epsanet as epsanet
 from timm_epsanet import PyramidSqueezeAttention
 from timm_epsanet.benchmark import main as benchmark_main
-from timm_epsanet.benchmark import training_peak_memory
+from timm_epsanet.benchmark import memory_in_subprocess
 
 TOL = 1e-4
 
@@ -84,19 +84,20 @@ def test_fast_equals_reference_float64(grad):
 
 
 @pytest.mark.parametrize(
-    'groups, out_chs, grad, expect_depthwise',
+    'groups, out_chs, size, expect_depthwise',
     [
-        (16, 16, True, True),  # one output per group: depthwise also in training
-        (8, 16, True, False),  # two per group: grouped kernel in training (its depthwise backward is slow)
-        (8, 16, False, True),  # ...but depthwise without autograd
-        (4, 16, False, True),  # four per group with a large kernel (9): depthwise
-        (1, 16, False, False),  # dense: untouched
+        (16, 16, 11, True),  # one output per group
+        (8, 16, 11, True),  # two per group
+        (4, 16, 11, False),  # four per group on few positions (2 x 11 x 13 < 1024): grouped kernel
+        (4, 16, 24, True),  # ...on many (2 x 24 x 26) with a large kernel (9): depthwise
+        (1, 16, 11, False),  # dense: untouched
     ],
 )
-def test_branch_conv_rewrite_is_exact_and_taken(monkeypatch, groups, out_chs, grad, expect_depthwise):
+@pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'grad'])
+def test_branch_conv_rewrite_is_exact_and_taken(monkeypatch, groups, out_chs, size, expect_depthwise, grad):
     torch.manual_seed(0)
-    x = torch.randn(2, 32, 11, 9)
-    weight = torch.randn(out_chs, 32 // groups, 9, 9)
+    x = torch.randn(2, 32, size, size + 2, requires_grad=grad)
+    weight = torch.randn(out_chs, 32 // groups, 9, 9, requires_grad=grad)
     expected = F.conv2d(x, weight, None, [2, 2], [8, 8], [2, 2], groups)
     calls = []
     conv2d = F.conv2d
@@ -109,7 +110,79 @@ def test_branch_conv_rewrite_is_exact_and_taken(monkeypatch, groups, out_chs, gr
     with torch.set_grad_enabled(grad):
         out = epsanet._branch_conv(x, weight, [2, 2], [8, 8], [2, 2], groups)
     torch.testing.assert_close(out, expected, rtol=0, atol=TOL)
-    assert (calls[0] == 32) == expect_depthwise, calls
+    # Under plain autograd the grouped conv is kept (the depthwise backward is slow); PSA modules pair the
+    # depthwise forward with grouped backwards in _PyramidBranchConvs instead.
+    assert (calls[0] == 32) == (expect_depthwise and not grad), calls
+
+
+# (in_chs, kernels, groups, stride, dilation, size, merged weight-gradient branches)
+BRANCH_CONFIGS = {
+    'layer1_all_merged': (64, (3, 5, 7, 9), (1, 4, 8, 16), 1, 1, 56, [1, 2, 3]),
+    'layer2_pair_merged': (128, (3, 5, 7, 9), (1, 4, 8, 16), 1, 1, 16, [2, 3]),
+    'strided_dilated_pair': (64, (3, 5, 7, 9), (1, 4, 8, 16), 2, 2, 29, [2, 3]),
+    'large_all_merged': (128, (3, 5, 5, 7), (32, 32, 32, 32), 1, 1, 56, [0, 1, 2, 3]),
+    'small_map_none': (64, (3, 5, 7, 9), (1, 4, 8, 16), 1, 1, 9, []),
+}
+
+
+@pytest.mark.parametrize('name', sorted(BRANCH_CONFIGS))
+def test_pyramid_branch_convs_match_autograd(name):
+    """Depthwise forwards, grouped backwards and merged weight gradients against plain grouped convs."""
+    in_chs, kernels, groups, stride, dilation, size, merged = BRANCH_CONFIGS[name]
+    out_size = (size - 1) // stride + 1
+    assert epsanet._merged_weight_grad_branches(list(kernels), list(groups), out_size * out_size) == merged
+    torch.manual_seed(0)
+    x = torch.randn(2, in_chs, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weights = [
+        (torch.randn(in_chs // 4, in_chs // g, k, k) / math.sqrt(k * k * in_chs / g)).requires_grad_()
+        for k, g in zip(kernels, groups, strict=True)
+    ]
+    outs = epsanet._PyramidBranchConvs.apply(x, list(groups), stride, dilation, *weights)
+    expected = [
+        F.conv2d(x, w, None, stride, dilation * (k - 1) // 2, dilation, g)
+        for w, k, g in zip(weights, kernels, groups, strict=True)
+    ]
+    grad_outs = [torch.randn_like(e) for e in expected]
+    got = torch.autograd.grad(outs, [x, *weights], grad_outs)
+    want = torch.autograd.grad(expected, [x, *weights], grad_outs)
+    for out, exp in zip(outs, expected, strict=True):
+        torch.testing.assert_close(out, exp, rtol=0, atol=TOL)
+    for g_f, g_r in zip(got, want, strict=True):
+        assert g_f.shape == g_r.shape
+        torch.testing.assert_close(g_f, g_r, rtol=0, atol=TOL * max(1.0, g_r.abs().max().item()))
+
+
+def _stage_layouts(model, x):
+    """'cl' or 'nchw' for the output of every stage of ``model`` on ``x``."""
+    layouts = {}
+
+    def record(name):
+        def hook(module, args, out):
+            layouts[name] = 'cl' if out.is_contiguous(memory_format=torch.channels_last) else 'nchw'
+
+        return hook
+
+    for name in ('layer1', 'layer2', 'layer3', 'layer4'):
+        getattr(model, name).register_forward_hook(record(name))
+    model(x)
+    return layouts
+
+
+def test_fast_path_layout_choices():
+    """The layout plan of the fast path on CPU, which the benchmark's speed-ups rest on."""
+    model = timm.create_model('epsanet50', num_classes=0).eval()
+    assert isinstance(model.conv1, epsanet._ChannelsLastStemConv2d)
+    assert type(timm.create_model('epsanet50', psa_impl='reference', device='meta').conv1) is torch.nn.Conv2d
+    x = torch.randn(1, 3, 128, 160)  # stage maps 32x40, 16x20, 8x10, 4x5
+    with torch.no_grad():
+        # NCHW model at inference: maps of 28x28 and more channels_last, smaller ones back to NCHW.
+        assert _stage_layouts(model, x) == {'layer1': 'cl', 'layer2': 'nchw', 'layer3': 'nchw', 'layer4': 'nchw'}
+    # Under autograd everything runs channels_last (the grouped backward is much faster there).
+    assert set(_stage_layouts(model, x).values()) == {'cl'}
+    # A model put in channels_last stays channels_last.
+    model = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert set(_stage_layouts(model, x.contiguous(memory_format=torch.channels_last)).values()) == {'cl'}
 
 
 def test_model_fast_equals_reference():
@@ -166,8 +239,13 @@ def test_fast_path_scripts_and_traces():
         traced = torch.fx.symbolic_trace(fast)
         # The device / grad-mode dependent helpers are FX leaves, decided when the graph runs.
         targets = {n.target for n in traced.graph.nodes if n.op == 'call_function'}
-        assert epsanet._branch_conv in targets and epsanet._fast_layout in targets
+        assert epsanet._psa_branches in targets and epsanet._fast_layout in targets
         torch.testing.assert_close(traced(x), expected, rtol=0, atol=TOL)
+    # Scripted training takes plain autograd (TorchScript cannot call autograd Functions): same gradients.
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    scripted(xs[0]).square().sum().backward()
+    ref(xs[1]).square().sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=0, atol=TOL)
 
 
 def test_benchmark_cli_smoke(capsys):
@@ -212,5 +290,6 @@ def test_benchmark_rejects_bad_arguments(capsys):
 
 
 def test_training_peak_memory_probe():
-    mib = training_peak_memory('epsanet50', 2, 32, 'nchw', torch.device('cpu'))
-    assert math.isfinite(mib) and mib >= 0
+    """The probe as the benchmark runs it: in a fresh interpreter, where the steps' activations must show."""
+    mib = memory_in_subprocess('epsanet50', 2, 32, 'nchw', 'cpu', 1)
+    assert math.isfinite(mib) and mib > 0
