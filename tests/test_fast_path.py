@@ -173,10 +173,12 @@ def test_fast_path_layout_choices():
     model = timm.create_model('epsanet50', num_classes=0).eval()
     assert isinstance(model.conv1, epsanet._ChannelsLastStemConv2d)
     assert type(timm.create_model('epsanet50', psa_impl='reference', device='meta').conv1) is torch.nn.Conv2d
-    x = torch.randn(1, 3, 128, 160)  # stage maps 32x40, 16x20, 8x10, 4x5
+    x = torch.randn(2, 3, 128, 160)  # stage maps 32x40, 16x20, 8x10, 4x5
     with torch.no_grad():
-        # NCHW model at inference: maps of 28x28 and more channels_last, smaller ones back to NCHW.
+        # NCHW model at inference: maps of 28x28 and more channels_last, smaller ones back to NCHW...
         assert _stage_layouts(model, x) == {'layer1': 'cl', 'layer2': 'nchw', 'layer3': 'nchw', 'layer4': 'nchw'}
+        # ...unless a single image makes too little work (32x40 < 2 x 28x28 positions).
+        assert set(_stage_layouts(model, x[:1]).values()) == {'nchw'}
     # Under autograd everything runs channels_last (the grouped backward is much faster there).
     assert set(_stage_layouts(model, x).values()) == {'cl'}
     # A model put in channels_last stays channels_last.

@@ -37,21 +37,24 @@ HUB_ORGANIZATION = 'timm-epsanet'
 PSA_IMPLS = ('fast', 'reference')
 
 
-def _fast_layout(x: torch.Tensor, weight: torch.Tensor, channels_last_min_area: int = 28 * 28) -> torch.Tensor:
+def _fast_layout(
+    x: torch.Tensor, weight: torch.Tensor, min_area: int = 28 * 28, min_positions: int = 2 * 28 * 28
+) -> torch.Tensor:
     """``x`` in the layout an EPSANet block runs fastest in on CPU (elsewhere ``x`` itself).
 
     ``weight`` is a spatial conv weight of the block; its layout tells whether the model was put in
     channels_last. oneDNN's grouped large-kernel convolutions are 1.3-5x faster (forward and backward)
-    on channels_last maps, so the block runs channels_last whenever autograd records and on maps of
-    ``channels_last_min_area`` pixels (28x28) and more. At inference the small maps of stages 3-4 keep
-    the model's layout: on 14x14 and 7x7 maps NCHW kernels (grouped and 1x1 convs alike) are faster than
-    channels_last ones for an NCHW model, while a channels_last model is fastest left as it is.
+    on channels_last maps, so the block runs channels_last whenever autograd records, and at inference on
+    maps of ``min_area`` pixels (28x28) and more when the batch holds ``min_positions`` map positions.
+    Otherwise (the 14x14 and 7x7 maps of stages 3-4, a single 28x28 image) NCHW kernels, grouped and 1x1
+    convs alike, are as fast or faster for an NCHW model, which keeps its layout there; a channels_last
+    model is fastest left as it is.
     """
     if x.device.type != 'cpu' or x.dim() != 4:
         return x
     if (
         torch.is_grad_enabled()
-        or x.shape[-2] * x.shape[-1] >= channels_last_min_area
+        or (x.shape[-2] * x.shape[-1] >= min_area and x.shape[0] * x.shape[-2] * x.shape[-1] >= min_positions)
         or (weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous())
     ):
         return x.contiguous(memory_format=torch.channels_last)
@@ -440,8 +443,8 @@ class PyramidSqueezeAttention(nn.ModuleDict):
           under autograd); the output keeps it, and later layers follow.
         * Branch convolutions with few outputs per group run as depthwise convolutions (``_branch_conv``);
           under autograd with grouped backwards and merged weight gradients (``_PyramidBranchConvs``).
-        * The squeeze-excite module runs once on the pooled features of all branches stacked on the
-          batch axis, and the branches are concatenated once (in the authors' reversed order) and
+        * The squeeze-excite module runs once, as matrix products, on the pooled features of all branches
+          stacked on the batch axis, and the branches are concatenated once (in the authors' reversed order) and
           weighted in a single multiply.
         """
         x = _fast_layout(x, self.conv_1.weight)
@@ -457,8 +460,11 @@ class PyramidSqueezeAttention(nn.ModuleDict):
         batch, num_branches, branch_chs = out.shape[0], self.num_branches, self.branch_chs
         se = self.se
         pooled = out.mean((2, 3)).view(batch, num_branches, branch_chs).transpose(0, 1)
-        pooled = pooled.reshape(num_branches * batch, branch_chs, 1, 1)
-        gates = se.gate(se.fc2(se.act(se.bn(se.fc1(pooled)))))
+        pooled = pooled.reshape(num_branches * batch, branch_chs)
+        # The SE module's 1x1 convs on 1x1 maps as the matrix products they are: a tenth of the overhead.
+        hidden = F.linear(pooled, se.fc1.weight.flatten(1), se.fc1.bias)
+        hidden = se.act(se.bn(hidden.view(hidden.shape[0], hidden.shape[1], 1, 1))).flatten(1)
+        gates = se.gate(F.linear(hidden, se.fc2.weight.flatten(1), se.fc2.bias))
         # Softmax across branches of the *sigmoid* outputs, as the authors compute it.
         attn = gates.view(num_branches, batch, branch_chs).softmax(dim=0)
         attn = attn.transpose(0, 1).reshape(batch, num_branches * branch_chs, 1, 1)
