@@ -19,13 +19,16 @@ PSA forward. Examples::
 """
 
 import argparse
+import json
 import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -209,17 +212,31 @@ def format_table(case: Case, results: Dict[str, Timings], specs: Sequence[str]) 
     return '\n'.join(rows)
 
 
+def _training_setup(spec: str, batch_size: int, img_size: int, fmt: str, device: torch.device) -> Callable[[], None]:
+    """A training step (forward, cross-entropy, backward, SGD with momentum) of a freshly built model."""
+    model = create(spec, device).to(memory_format=FORMATS[fmt]).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=FORMATS[fmt])
+    target = torch.randint(0, 1000, (batch_size,), device=device)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def training_peak_memory(spec: str, batch_size: int, img_size: int, fmt: str, device: torch.device) -> float:
     """Peak memory (MiB) added by two training steps of one model, over what the built model holds.
 
     On CPU: the process's peak resident set during the steps (reset first through /proc/self/clear_refs)
     minus its resident set before them; best run in a fresh process, as :func:`memory_in_subprocess` does.
+    It includes what the C allocator keeps of freed blocks, so it varies by tens of MiB from run to run.
     On CUDA: the peak of allocated device memory minus the memory allocated before the steps.
     """
-    model = create(spec, device).to(memory_format=FORMATS[fmt]).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device).contiguous(memory_format=FORMATS[fmt])
-    target = torch.randint(0, 1000, (batch_size,), device=device)
+    step = _training_setup(spec, batch_size, img_size, fmt, device)
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -229,10 +246,7 @@ def training_peak_memory(spec: str, batch_size: int, img_size: int, fmt: str, de
     else:  # no resettable peak: the peak of building the model may hide a smaller training peak
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     for _ in range(2):
-        loss = F.cross_entropy(model(x), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        step()
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
@@ -241,6 +255,32 @@ def training_peak_memory(spec: str, batch_size: int, img_size: int, fmt: str, de
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return (peak - base) / 2**20
+
+
+def training_peak_tensor_memory(spec: str, batch_size: int, img_size: int, fmt: str) -> Optional[float]:
+    """Peak of live CPU tensor memory (MiB) during the second training step of one model, or None.
+
+    Read from ``torch.profiler``'s memory timeline, which follows every tensor allocation and free: unlike
+    the resident set it does not depend on how the C allocator keeps and reuses freed blocks, so two
+    models that hold the same tensors read the same. None where this torch cannot export the timeline.
+    """
+    step = _training_setup(spec, batch_size, img_size, fmt, torch.device('cpu'))
+    step()  # the optimizer's momentum buffers exist from the second step on
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    try:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # export_memory_timeline announces its future deprecation
+            with torch.profiler.profile(
+                activities=activities, profile_memory=True, record_shapes=True, with_stack=True
+            ) as prof:
+                step()
+            path = os.path.join(tmp, 'memory.json')
+            prof.export_memory_timeline(path, device='cpu')
+            with open(path) as f:
+                _, sizes = json.load(f)  # [times, bytes per memory category at each time]
+    except (AttributeError, RuntimeError, ValueError, OSError):
+        return None
+    return max(sum(per_category) for per_category in sizes) / 2**20
 
 
 def _proc_status_bytes(key: str) -> Optional[int]:
@@ -265,8 +305,14 @@ def _reset_peak_rss() -> bool:
     return _proc_status_bytes('VmRSS') is not None
 
 
-def memory_in_subprocess(spec: str, batch_size: int, img_size: int, fmt: str, device: str, threads: int) -> float:
-    """Run :func:`training_peak_memory` in a fresh interpreter so that no other model's peak counts."""
+def memory_in_subprocess(
+    spec: str, batch_size: int, img_size: int, fmt: str, device: str, threads: int
+) -> Dict[str, Optional[float]]:
+    """Training-step memory of one model measured in a fresh interpreter, so that no other model counts.
+
+    Returns ``{'rss': ..., 'tensors': ...}`` in MiB: :func:`training_peak_memory` (peak resident set, or
+    allocated CUDA memory) and, on CPU, :func:`training_peak_tensor_memory` (None elsewhere).
+    """
     cmd = [
         sys.executable,
         '-m',
@@ -287,7 +333,7 @@ def memory_in_subprocess(spec: str, batch_size: int, img_size: int, fmt: str, de
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f'Memory probe of {spec} failed:\n{out.stderr[-2000:]}')
-    return float(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -349,10 +395,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Timings]]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.memory_probe:
-        mib = training_peak_memory(
-            args.memory_probe, args.train_batch_list[0], args.img_size, args.format_list[0], device
-        )
-        print(f'{mib:.1f}')
+        probe = (args.memory_probe, args.train_batch_list[0], args.img_size, args.format_list[0])
+        result = {
+            'rss': training_peak_memory(*probe, device),
+            'tensors': training_peak_tensor_memory(*probe) if device.type == 'cpu' else None,
+        }
+        print(json.dumps(result))
         return {}
 
     header = describe_machine(device)
@@ -376,7 +424,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Timings]]:
         print('\n' + format_table(case, results, args.model_list), flush=True)
 
     if args.memory and 'train' in args.mode_list:
-        print('\n### training-step peak memory (MiB over the built model, fresh process per model)\n')
+        print(
+            '\n### training-step peak memory, MiB: live tensors (torch profiler) / process resident set '
+            '(over the built model; fresh process per model)\n'
+        )
         columns = [f'batch {b} {f}' for b in args.train_batch_list for f in args.format_list]
         print('| model | ' + ' | '.join(columns) + ' |')
         print('|---|' + '---:|' * (len(args.train_batch_list) * len(args.format_list)))
@@ -385,9 +436,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Timings]]:
             for b in args.train_batch_list:
                 for f in args.format_list:
                     print(f'[memory] {spec} batch {b} {f}', file=sys.stderr, flush=True)
-                    cells.append(
-                        f'{memory_in_subprocess(spec, b, args.img_size, f, args.device, torch.get_num_threads()):.0f}'
-                    )
+                    mem = memory_in_subprocess(spec, b, args.img_size, f, args.device, torch.get_num_threads())
+                    tensors = 'n/a' if mem['tensors'] is None else f'{mem["tensors"]:.0f}'
+                    cells.append(f'{tensors} / {mem["rss"]:.0f}')
             print(f'| {spec} | ' + ' | '.join(cells) + ' |', flush=True)
     return all_results
 
