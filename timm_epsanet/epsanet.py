@@ -280,13 +280,12 @@ def _branch_conv(
     (``_PyramidBranchConvs``).
     Only the weight view changes: the parameter and its gradient are the original grouped-conv tensor.
     """
-    if not _use_depthwise(x, weight, groups):
-        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        # Autograd through the depthwise form keeps a map per output slot and runs slow depthwise
-        # backwards; outside ``_PyramidBranchConvs`` the grouped conv is the better trade.
-        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    return _depthwise_conv(x, weight, stride, padding, dilation, groups)
+    # Autograd through the depthwise form would keep a map per output slot and run slow depthwise
+    # backwards: outside ``_PyramidBranchConvs`` the grouped conv is the better trade when recording.
+    recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if _use_depthwise(x, weight, groups) and not recording:
+        return _depthwise_conv(x, weight, stride, padding, dilation, groups)
+    return F.conv2d(x, weight, None, stride, padding, dilation, groups)
 
 
 @torch.jit.unused
@@ -302,6 +301,7 @@ def _use_branch_function(x: torch.Tensor, weights: List[torch.Tensor]) -> bool:
 def _pyramid_branch_convs(
     x: torch.Tensor, weights: List[torch.Tensor], groups: List[int], stride: int, dilation: int
 ) -> List[torch.Tensor]:
+    """The branch outputs through ``_PyramidBranchConvs`` (kept out of TorchScript's sight)."""
     return list(_PyramidBranchConvs.apply(x, groups, stride, dilation, *weights))
 
 
