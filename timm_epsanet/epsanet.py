@@ -17,7 +17,7 @@ Official impl: https://github.com/murufeng/EPSANet (no pretrained weights were e
 
 import math
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Type
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -112,6 +112,38 @@ def _depthwise_conv(
     return y.reshape(y.shape[0], out_chs, y.shape[-2], y.shape[-1])
 
 
+def _same_padding(kernel_size: int, dilation: int) -> int:
+    """Padding that keeps a (possibly dilated) odd-kernel branch aligned with its input, as the PSA builds it."""
+    return dilation * (kernel_size - 1) // 2
+
+
+def _grouped_conv_backward(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int,
+    dilation: int,
+    groups: int,
+    output_mask: List[bool],
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Input and weight gradients (as ``output_mask`` asks) of a bias-free PSA-style grouped convolution."""
+    padding = _same_padding(weight.shape[-1], dilation)
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_output,
+        x,
+        weight,
+        None,
+        [stride, stride],
+        [padding, padding],
+        [dilation, dilation],
+        False,
+        [0, 0],
+        groups,
+        output_mask + [False],
+    )
+    return grad_input, grad_weight
+
+
 def _merged_weight_grad_branches(kernel_sizes: List[int], groups: List[int], out_area: int) -> List[int]:
     """Branches whose weight gradients ``_PyramidBranchConvs`` computes in one merged convolution.
 
@@ -161,19 +193,8 @@ def _merged_weight_grads(
     ).reshape(batch, -1, out_height, out_width)
     weight_shape = [grad_merged.shape[1], in_chs // merged_groups, kernel, kernel]
     merged_weight = x.new_zeros(weight_shape)  # only its shape matters for the weight gradient
-    padding = dilation * (kernel - 1) // 2
-    _, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_merged,
-        x,
-        merged_weight,
-        None,
-        [stride, stride],
-        [padding, padding],
-        [dilation, dilation],
-        False,
-        [0, 0],
-        merged_groups,
-        [False, True, False],
+    _, grad_weight = _grouped_conv_backward(
+        grad_merged, x, merged_weight, stride, dilation, merged_groups, [False, True]
     )
     grad_weight = grad_weight.view(merged_groups, -1, in_chs // merged_groups, kernel, kernel)
     grads: List[torch.Tensor] = []
@@ -210,7 +231,7 @@ class _PyramidBranchConvs(torch.autograd.Function):
         ctx.groups, ctx.stride, ctx.dilation = groups, stride, dilation
         feats = []
         for weight, g in zip(weights, groups, strict=True):
-            padding = dilation * (weight.shape[-1] - 1) // 2
+            padding = _same_padding(weight.shape[-1], dilation)
             feats.append(_branch_conv(x, weight, [stride, stride], [padding, padding], [dilation, dilation], g))
         return tuple(feats)
 
@@ -229,23 +250,10 @@ class _PyramidBranchConvs(torch.autograd.Function):
         grad_input = None
         grad_weights = [None] * len(weights)
         for i, (weight, g, grad) in enumerate(zip(weights, groups, grad_outputs, strict=True)):
-            mask = [need_input, need_weights[i] and i not in merged, False]
+            mask = [need_input, need_weights[i] and i not in merged]
             if not any(mask):
                 continue
-            padding = dilation * (weight.shape[-1] - 1) // 2
-            gx, gw, _ = torch.ops.aten.convolution_backward(
-                grad,
-                x,
-                weight,
-                None,
-                [stride, stride],
-                [padding, padding],
-                [dilation, dilation],
-                False,
-                [0, 0],
-                g,
-                mask,
-            )
+            gx, gw = _grouped_conv_backward(grad, x, weight, stride, dilation, g, mask)
             if gx is not None:
                 grad_input = gx if grad_input is None else grad_input.add_(gx)
             grad_weights[i] = gw
@@ -314,7 +322,7 @@ def _psa_branches(
     else:  # TorchScript cannot call autograd Functions: plain autograd through _branch_conv
         feats: List[torch.Tensor] = []
         for i in range(len(weights)):  # (TorchScript has no zip(strict=))
-            padding = dilation * (weights[i].shape[-1] - 1) // 2
+            padding = _same_padding(weights[i].shape[-1], dilation)
             feats.append(
                 _branch_conv(x, weights[i], [stride, stride], [padding, padding], [dilation, dilation], groups[i])
             )
@@ -411,7 +419,7 @@ class PyramidSqueezeAttention(nn.ModuleDict):
                 branch_chs,
                 kernel_size=k,
                 stride=stride,
-                padding=dilation * (k - 1) // 2,  # 'same' alignment for any dilation
+                padding=_same_padding(k, dilation),
                 dilation=dilation,
                 groups=g,
                 bias=False,
