@@ -23,6 +23,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 
 from timm_epsanet import HUB_ORGANIZATION, publish
@@ -223,4 +224,74 @@ def test_push_refused_offline(hub, pushed, monkeypatch):
     before = len(hub.requests)
     with pytest.raises(publish.PublishError, match='HF_HUB_OFFLINE is set'):
         publish.push_folder(pushed[0], 'testorg/offline')
+    assert len(hub.requests) == before
+
+
+# --- issue 12: what is pushed is exactly what was verified, and nothing is converted that cannot be pushed ---
+
+
+def test_concurrent_run_is_refused_and_the_hub_gets_the_verified_bytes(hub, authors_file, authors_ckpt, tmp_path):
+    """A second hub_upload.py into the same folder while the first is about to push: refused, not interleaved."""
+    other = tmp_path / 'other.pth'
+    state_dict = {k.removeprefix('module.'): v for k, v in authors_ckpt['state_dict'].items()}
+    torch.save(dict(state_dict, **{'fc.bias': state_dict['fc.bias'] + 1.0}), other)
+    out, repo = tmp_path / 'out', 'testorg/concurrent'
+    seen = {}
+    push_folder = publish.push_folder
+
+    def second_run_then_push(folder, *args, **kwargs):
+        seen['folder'] = {p.name: p.read_bytes() for p in Path(folder).iterdir()}  # what the first run verified
+        cmd = [sys.executable, str(REPO_ROOT / 'hub_upload.py'), '--model', 'epsanet50', '--checkpoint', str(other)]
+        seen['second'] = subprocess.run(
+            cmd + ['--output-dir', str(out)], env=dict(os.environ), capture_output=True, text=True, timeout=300
+        )
+        return push_folder(folder, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(publish, 'push_folder', second_run_then_push)
+        argv = ['--model', 'epsanet50', '--checkpoint', str(authors_file), '--output-dir', str(out)]
+        assert publish.main(argv + ['--repo-id', repo]) == 0
+    second = seen['second']
+    assert second.returncode == 1, second.stderr
+    assert second.stderr.count('\n') == 1 and 'another hub_upload.py run' in second.stderr
+    files = hub.files(repo)
+    for name in ('README.md', 'config.json', 'model.safetensors'):
+        assert files[name] == seen['folder'][name] == (out / name).read_bytes(), name
+    pushed = safetensors_load(files['model.safetensors'])
+    assert all(torch.equal(pushed[k], v) for k, v in state_dict.items())
+
+
+def test_folder_changed_after_verification_is_not_pushed(hub, authors_file, tmp_path, monkeypatch, capsys):
+    push_folder = publish.push_folder
+
+    def tamper_then_push(folder, *args, **kwargs):
+        tensors = load_file(Path(folder) / 'model.safetensors')
+        tensors['fc.bias'][0] += 1.0
+        save_file(tensors, Path(folder) / 'model.safetensors')
+        return push_folder(folder, *args, **kwargs)
+
+    monkeypatch.setattr(publish, 'push_folder', tamper_then_push)
+    repo = 'testorg/tampered'
+    argv = ['--model', 'epsanet50', '--checkpoint', str(authors_file), '--output-dir', str(tmp_path / 'out')]
+    assert publish.main(argv + ['--repo-id', repo]) == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'changed since it was verified' in err and 'model.safetensors' in err
+    assert repo not in hub.repos or 'model.safetensors' not in hub.files(repo)
+
+
+@pytest.mark.parametrize('problem', ['offline', 'no-token'])
+def test_push_prerequisites_are_checked_before_converting(problem, hub, authors_file, tmp_path, monkeypatch, capsys):
+    if problem == 'offline':
+        monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+        expected = 'HF_HUB_OFFLINE is set'
+    else:
+        monkeypatch.delenv('HF_TOKEN')
+        expected = 'no Hugging Face token'
+    before = len(hub.requests)
+    out = tmp_path / 'out'
+    argv = ['--model', 'epsanet50', '--checkpoint', str(authors_file), '--output-dir', str(out)]
+    assert publish.main(argv + ['--repo-id', 'testorg/never']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {expected}') and err.count('\n') == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # refused before anything was converted
     assert len(hub.requests) == before

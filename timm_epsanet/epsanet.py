@@ -744,6 +744,10 @@ def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
     """
     psa_impl = kwargs.pop('psa_impl', 'fast')
     kwargs['block_args'] = dict(kwargs.get('block_args') or {}, psa_impl=psa_impl)
+    if pretrained:  # file= weights are read by the package: safely, with one clear line for a bad file
+        from .checkpoint_io import with_file_weights
+
+        kwargs = with_file_weights(variant, kwargs)
     try:
         model = build_model_with_cfg(
             ResNet,
@@ -757,6 +761,7 @@ def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
         if hub_error is None:
             raise
         raise hub_error from e
+    model.pretrained_cfg.pop('state_dict', None)  # loaded into the model; a copy in the cfg only holds memory
     if psa_impl == 'fast':
         _install_channels_last_stem(model)
     return model
