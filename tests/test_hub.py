@@ -230,7 +230,9 @@ def test_push_refused_offline(hub, pushed, monkeypatch):
 # --- issue 12: what is pushed is exactly what was verified, and nothing is converted that cannot be pushed ---
 
 
-def test_concurrent_run_is_refused_and_the_hub_gets_the_verified_bytes(hub, authors_file, authors_ckpt, tmp_path):
+def test_concurrent_run_is_refused_and_the_hub_gets_the_verified_bytes(
+    hub, authors_file, authors_ckpt, tmp_path, capsys
+):
     """A second hub_upload.py into the same folder while the first is about to push: refused, not interleaved."""
     other = tmp_path / 'other.pth'
     state_dict = {k.removeprefix('module.'): v for k, v in authors_ckpt['state_dict'].items()}
@@ -241,19 +243,19 @@ def test_concurrent_run_is_refused_and_the_hub_gets_the_verified_bytes(hub, auth
 
     def second_run_then_push(folder, *args, **kwargs):
         seen['folder'] = {p.name: p.read_bytes() for p in Path(folder).iterdir()}  # what the first run verified
-        cmd = [sys.executable, str(REPO_ROOT / 'hub_upload.py'), '--model', 'epsanet50', '--checkpoint', str(other)]
-        seen['second'] = subprocess.run(
-            cmd + ['--output-dir', str(out)], env=dict(os.environ), capture_output=True, text=True, timeout=300
-        )
+        # The second run, started while the first holds its lock (flock locks are per open file, so a run in
+        # this process contends exactly as one in another process would).
+        argv = ['--model', 'epsanet50', '--checkpoint', str(other), '--output-dir', str(out)]
+        seen['second'] = publish.main(argv)
+        seen['second_err'] = capsys.readouterr().err
         return push_folder(folder, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(publish, 'push_folder', second_run_then_push)
         argv = ['--model', 'epsanet50', '--checkpoint', str(authors_file), '--output-dir', str(out)]
         assert publish.main(argv + ['--repo-id', repo]) == 0
-    second = seen['second']
-    assert second.returncode == 1, second.stderr
-    assert second.stderr.count('\n') == 1 and 'another hub_upload.py run' in second.stderr
+    assert seen['second'] == 1, seen['second_err']
+    assert seen['second_err'].count('\n') == 1 and 'another hub_upload.py run' in seen['second_err']
     files = hub.files(repo)
     for name in ('README.md', 'config.json', 'model.safetensors'):
         assert files[name] == seen['folder'][name] == (out / name).read_bytes(), name

@@ -867,7 +867,7 @@ def publish(
         url = push_folder(
             out_dir, repo_id, manifest=manifest, private=private, revision=revision, commit_message=commit_message
         )
-        log(f'pushed the verified files to {repo_id}: {url}')
+        log(f'pushed to {repo_id}: {url} (exactly the verified files)')
     return out_dir
 
 
