@@ -5,7 +5,7 @@ hidden in every place a checkpoint can hold an object (the top level, a state di
 Namespace, ``state_dict_ema``, deep in the optimizer state), written in every container torch can read
 (zip, legacy, a bare pickle) under every suffix the tools accept. Neither path may run it, and each says
 so in one line. Broken files (missing, a folder, empty, truncated, not a checkpoint) get one line too.
-Cost: ~250 refusals of tiny files, two model builds and one subprocess: about 10 s.
+Cost: ~500 refusals of tiny files, one model build and one subprocess: about 12 s CPU.
 """
 
 import argparse
@@ -141,11 +141,8 @@ def test_file_overlay_errors_are_one_line(case, tmp_path):
 
 
 def test_file_overlay_still_loads_and_keeps_no_copy(authors_file, reference):
-    """A good file loads as before (the features wrapper too), and the cfg does not keep the weights."""
+    """A good file loads as before, through the features wrapper too, and no cfg keeps a copy of the weights."""
     overlay = dict(file=str(authors_file))
-    model = timm.create_model('epsanet50', pretrained=True, pretrained_cfg_overlay=overlay)
-    assert torch.equal(model.layer4[2].conv3.weight, reference[0].layer4[2].conv3.weight)
-    assert 'state_dict' not in model.pretrained_cfg and model.pretrained_cfg['file'] == str(authors_file)
     backbone = timm.create_model('epsanet50', pretrained=True, features_only=True, pretrained_cfg_overlay=overlay)
-    assert torch.equal(backbone.layer1[0].conv1.weight, reference[0].layer1[0].conv1.weight)
-    assert 'state_dict' not in backbone.pretrained_cfg
+    assert torch.equal(backbone.layer4[2].conv3.weight, reference[0].layer4[2].conv3.weight)
+    assert 'state_dict' not in backbone.pretrained_cfg and backbone.pretrained_cfg['file'] == str(authors_file)

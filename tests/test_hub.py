@@ -2,12 +2,14 @@
 
 hub_upload.py pushes the authors' weights; ``timm.create_model(..., pretrained=True)`` downloads them
 and must reproduce the source bit for bit; ``HF_HUB_OFFLINE=1`` then loads them from the cache without
-a single connection; weights that cannot be had raise an error naming the Hub id.
-Cost: 12 tests, 58 s CPU (87 s wall on a busy 2-core box): a subprocess push, three exports, 90 MB
-uploads and downloads through the fake Hub, ~12 model builds.
+a single connection; weights that cannot be had raise an error naming the Hub id. A concurrent run is
+refused, and only bytes with the verified sha256 are pushed.
+Cost: 16 tests, 58 s CPU (87 s wall on a busy 2-core box) before the last four, which add one export
+and ~3 s: a subprocess push, four exports, 90 MB uploads and downloads through the fake Hub, ~13 model builds.
 """
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -243,6 +245,7 @@ def test_concurrent_run_is_refused_and_the_hub_gets_the_verified_bytes(
 
     def second_run_then_push(folder, *args, **kwargs):
         seen['folder'] = {p.name: p.read_bytes() for p in Path(folder).iterdir()}  # what the first run verified
+        assert kwargs['manifest'] == publish.folder_manifest(folder)  # and the push checks the bytes against it
         # The second run, started while the first holds its lock (flock locks are per open file, so a run in
         # this process contends exactly as one in another process would).
         argv = ['--model', 'epsanet50', '--checkpoint', str(other), '--output-dir', str(out)]
@@ -263,22 +266,18 @@ def test_concurrent_run_is_refused_and_the_hub_gets_the_verified_bytes(
     assert all(torch.equal(pushed[k], v) for k, v in state_dict.items())
 
 
-def test_folder_changed_after_verification_is_not_pushed(hub, authors_file, tmp_path, monkeypatch, capsys):
-    push_folder = publish.push_folder
-
-    def tamper_then_push(folder, *args, **kwargs):
-        tensors = load_file(Path(folder) / 'model.safetensors')
-        tensors['fc.bias'][0] += 1.0
-        save_file(tensors, Path(folder) / 'model.safetensors')
-        return push_folder(folder, *args, **kwargs)
-
-    monkeypatch.setattr(publish, 'push_folder', tamper_then_push)
-    repo = 'testorg/tampered'
-    argv = ['--model', 'epsanet50', '--checkpoint', str(authors_file), '--output-dir', str(tmp_path / 'out')]
-    assert publish.main(argv + ['--repo-id', repo]) == 1
-    err = capsys.readouterr().err
-    assert err.count('\n') == 1 and 'changed since it was verified' in err and 'model.safetensors' in err
-    assert repo not in hub.repos or 'model.safetensors' not in hub.files(repo)
+def test_folder_changed_after_verification_is_not_pushed(hub, pushed, tmp_path):
+    """push_folder uploads only bytes whose sha256 is the verified one (publish passes verify_folder's manifest)."""
+    verified = publish.folder_manifest(pushed[0])
+    folder = tmp_path / 'folder'
+    shutil.copytree(pushed[0], folder)
+    tensors = load_file(folder / 'model.safetensors')
+    tensors['fc.bias'][0] += 1.0
+    save_file(tensors, folder / 'model.safetensors')
+    repo, before = 'testorg/tampered', len(hub.requests)
+    with pytest.raises(publish.PublishError, match='model.safetensors in .* changed since it was verified'):
+        publish.push_folder(folder, repo, manifest=verified)
+    assert len(hub.requests) == before and repo not in hub.repos
 
 
 @pytest.mark.parametrize('problem', ['offline', 'no-token'])
