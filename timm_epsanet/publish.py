@@ -597,9 +597,12 @@ class _FolderLock:
             os.close(fd)
 
     def __exit__(self, *exc) -> None:
+        if fcntl is None:  # pragma: no cover - Windows removes no open file
+            os.close(self.fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # while still locked, so no one can lock the file that is going away
-        os.close(self.fd)
+        if fcntl is not None:
+            os.close(self.fd)
 
 
 @contextlib.contextmanager
@@ -777,7 +780,10 @@ def push_folder(
         path = out_dir / name
         if path.is_symlink() or not path.is_file():
             raise PublishError(f'{path} is missing or not a regular file; nothing was pushed.')
-        contents[name] = path.read_bytes()
+        try:
+            contents[name] = path.read_bytes()
+        except OSError as e:
+            raise PublishError(f'cannot read {path}: {os_error_reason(e)}; nothing was pushed.') from e
     if manifest is not None:
         changed = [n for n in FOLDER_FILES if hashlib.sha256(contents[n]).hexdigest() != manifest.get(n)]
         if changed:
