@@ -1,12 +1,15 @@
-"""``python -m timm_epsanet.benchmark``: command line, precisions, the GPU target table, and its CUDA plumbing.
+"""``python -m timm_epsanet.benchmark``: the CLI runs, prints ratios, refuses bad arguments, probes memory; its
+precisions, the GPU target table and the CUDA plumbing.
 
 No GPU here: the CUDA timing and memory code is driven through stand-ins for CUDA events and ``torch.cuda``,
 and the timing loop through a fake clock; nothing asserts a real timing. One tiny CPU run (32 px) covers the
-precision cases and the target report end to end. Cost: about 10 s.
+precision cases and the target report end to end. Cost: about 30 s on 2 busy cores, mostly the two CLI runs
+and the memory probe.
 """
 
 import argparse
 import json
+import math
 import subprocess
 
 import pytest
@@ -15,6 +18,55 @@ import torch
 import timm_epsanet.benchmark as bench
 from timm_epsanet.benchmark import Case, Timings
 from timm_epsanet.ops import psa_cuda
+
+
+def test_benchmark_cli_smoke(capsys):
+    """Tiny run of ``python -m timm_epsanet.benchmark``: tables with ratios, progress on stderr."""
+    results = bench.main(
+        [
+            '--models',
+            'epsanet50,epsanet50:reference',
+            '--modes',
+            'infer,train',
+            '--batch-sizes',
+            '1',
+            '--train-batch-sizes',
+            '2',
+            '--formats',
+            'nchw',
+            '--img-size',
+            '32',
+            '--rounds',
+            '1',
+            '--warmup',
+            '0',
+            '--no-memory',
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert 'CPU:' in out and 'torch threads' in out
+    assert '### infer batch 1 nchw' in out and '### train batch 2 nchw' in out
+    assert '| epsanet50:reference |' in out and '1.00x / 1.00x' in out
+    assert 'round 1/1' in err
+    timings = results['train batch 2 nchw']['epsanet50']
+    assert len(timings.wall) == 1 and timings.wall[0] > 0
+
+
+def test_benchmark_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(['--models', 'resnet50:reference'])
+    assert 'only EPSANet models' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(['--formats', 'nhwc'])
+    assert "unknown format 'nhwc'" in capsys.readouterr().err
+
+
+def test_training_peak_memory_probe():
+    """The probe as the benchmark runs it: in a fresh interpreter, where the steps' activations must show."""
+    mem = bench.memory_in_subprocess('epsanet50', 2, 32, 'nchw', 'cpu', 1)
+    assert math.isfinite(mem['rss']) and mem['rss'] > 0
+    # The step's tensors at least hold the parameters' gradients (epsanet50: 22.6M float32 values).
+    assert mem['tensors'] > 22.5e6 * 4 / 2**20
 
 
 def test_help_shows_defaults_and_exits_0(capsys, monkeypatch):

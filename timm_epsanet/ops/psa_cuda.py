@@ -28,6 +28,8 @@ from typing import Any, Callable, Dict, Hashable, List, Mapping, NamedTuple, Opt
 import torch
 import torch.nn.functional as F
 
+from .common import same_padding
+
 __all__ = [
     'FORCE_ENV',
     'BranchConvsKey',
@@ -48,11 +50,6 @@ __all__ = [
 FORCE_ENV = 'TIMM_EPSANET_PSA_FORCE'
 
 
-def _padding(kernel_size: int, dilation: int) -> int:
-    """Same padding of an odd (possibly dilated) kernel, as the PSA module builds its branches."""
-    return dilation * (kernel_size - 1) // 2
-
-
 def psa_branch_convs_grouped(
     x: torch.Tensor, weights: Sequence[torch.Tensor], groups: Sequence[int], stride: int, dilation: int
 ) -> torch.Tensor:
@@ -70,7 +67,7 @@ def psa_branch_convs_grouped(
     """
     feats: List[torch.Tensor] = []
     for w, g in zip(weights, groups, strict=True):
-        feats.append(F.conv2d(x, w, None, stride, _padding(w.shape[-1], dilation), dilation, g))
+        feats.append(F.conv2d(x, w, None, stride, same_padding(w.shape[-1], dilation), dilation, g))
     feats.reverse()
     return torch.cat(feats, dim=1)
 
@@ -100,7 +97,9 @@ def psa_branch_convs_densified(
     """
     feats: List[torch.Tensor] = []
     for w, g in zip(weights, groups, strict=True):
-        feats.append(F.conv2d(x, block_diagonal_weight(w, g), None, stride, _padding(w.shape[-1], dilation), dilation))
+        feats.append(
+            F.conv2d(x, block_diagonal_weight(w, g), None, stride, same_padding(w.shape[-1], dilation), dilation)
+        )
     feats.reverse()
     return torch.cat(feats, dim=1)
 
