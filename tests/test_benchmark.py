@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -180,6 +181,17 @@ def test_cuda_event_clock_times_the_gpu_and_waits_first():
     assert log == [torch.device('cuda:0')]  # idle GPU before the first event
     FakeEvent.gpu_ms += 40.0  # 40 ms of queued work
     assert clock.stop() == (pytest.approx(0.040), pytest.approx(0.25))
+    assert isinstance(bench.make_clock(torch.device('cuda')), bench.CudaEventClock)
+    assert isinstance(bench.make_clock(torch.device('cpu')), bench.HostClock)
+
+
+def test_gpu_description_names_card_and_switches(monkeypatch):
+    props = SimpleNamespace(name='NVIDIA H100 80GB HBM3', major=9, minor=0, total_memory=80 * 2**30)
+    monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda device: props)
+    monkeypatch.setattr(torch.backends.cudnn, 'version', lambda: 91900)
+    lines = bench.describe_gpu(torch.device('cuda'))
+    assert lines[0].startswith('GPU: NVIDIA H100 80GB HBM3 (sm_90, 80 GiB), CUDA ') and 'cuDNN 91900' in lines[0]
+    assert 'cudnn.benchmark=' in lines[1] and 'TF32: cuDNN ' in lines[1]
 
 
 def test_cuda_peak_memory_resets_then_reads_the_peak():

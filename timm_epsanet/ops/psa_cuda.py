@@ -265,7 +265,7 @@ def _step(fn: Callable[..., Any], args: Sequence[Any], training: bool) -> Callab
             out = fn(*args)
             outs = _tensors(out)
             # ones_like keeps each output's memory format, so the backward runs in the layout it will have.
-            torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
+            torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs], allow_unused=True)
 
     return forward_backward
 
