@@ -5,8 +5,8 @@ all models once (in reverse order every other round), so that load from other pr
 frequency changes hit all of them alike. It reports, per measurement, the median over rounds of each
 model's throughput and of its per-round ratio to the reference EPSANet (same architecture run with
 ``psa_impl='reference'``, i.e. the straightforward PSA formulation that computes what the authors'
-code computes) and to ``resnet50``. Ratios of wall time and of process CPU time are both given: they
-disagree when other processes compete for the cores.
+code computes) and to ``resnet50``. On CPU, ratios of wall time and of process CPU time are both given:
+they disagree when other processes compete for the cores.
 
 A model is named as for ``timm.create_model``; ``NAME:reference`` builds an EPSANet with the reference
 PSA forward, ``NAME:triton`` one with the Triton kernels (``psa_impl='triton'``), ``NAME:fast`` the default.
@@ -63,7 +63,7 @@ GPU_TARGETS_PRESET = {
 
 @dataclass(frozen=True)
 class Case:
-    """One measurement: a mode, a batch size and the memory format of model and input."""
+    """One measurement: a mode, a batch size, the memory format of model and input, and the precision."""
 
     mode: str  # 'infer' or 'train'
     batch_size: int
