@@ -194,12 +194,16 @@ def test_gpu_description_names_card_and_switches(monkeypatch):
     assert 'cudnn.benchmark=' in lines[1] and 'TF32: cuDNN ' in lines[1]
 
 
-def test_cuda_peak_memory_resets_then_reads_the_peak():
+def test_cuda_peak_memory_reads_the_allocator_statistics():
     log = []
 
     class FakeCuda:
         def synchronize(self, device):
             log.append('sync')
+
+        def memory_allocated(self, device):
+            log.append('allocated')
+            return 2**29
 
         def reset_peak_memory_stats(self, device):
             log.append('reset')
@@ -209,30 +213,40 @@ def test_cuda_peak_memory_resets_then_reads_the_peak():
             return 3 * 2**30
 
     meter = bench.CudaPeakMemory(torch.device('cuda:0'), cuda=FakeCuda())
+    assert meter.allocated_mib() == 512
     meter.start()
     assert meter.peak_mib() == 3 * 1024
-    assert log == ['sync', 'reset', 'sync', 'max']
+    assert log == ['sync', 'allocated', 'sync', 'reset', 'sync', 'max']
 
 
-def test_training_peak_cuda_memory_leaves_the_first_step_out(monkeypatch):
-    """The first step (autotuning, the PSA choice measurement) runs before the peak statistics are reset."""
+def test_training_peak_cuda_memory_counts_one_model_after_its_first_step(monkeypatch):
+    """Counted from before the model is built; the first step (autotuning, the PSA choice) is left out."""
     log = []
-    monkeypatch.setattr(bench, '_training_setup', lambda *a: lambda: log.append('step'))
+
+    def setup(*args):
+        log.append('build')
+        return lambda: log.append('step')
+
+    monkeypatch.setattr(bench, '_training_setup', setup)
 
     class Meter:
         def __init__(self, device):
             pass
+
+        def allocated_mib(self):
+            log.append('base')
+            return 100.0
 
         def start(self):
             log.append('reset')
 
         def peak_mib(self):
             log.append('peak')
-            return 123.0
+            return 1123.0
 
     monkeypatch.setattr(bench, 'CudaPeakMemory', Meter)
-    assert bench.training_peak_cuda_memory('epsanet50', 2, 32, 'cl', torch.device('cuda'), 'bfloat16') == 123.0
-    assert log == ['step', 'reset', 'step', 'step', 'peak']
+    assert bench.training_peak_cuda_memory('epsanet50', 2, 32, 'cl', torch.device('cuda'), 'bfloat16') == 1023.0
+    assert log == ['base', 'build', 'step', 'reset', 'step', 'step', 'peak']
 
 
 def test_memory_probe_runs_with_the_case_precision_and_settings(monkeypatch):
