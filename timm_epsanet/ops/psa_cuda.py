@@ -17,6 +17,7 @@ remembers the fastest for the process, and :func:`choices` exposes the table. Se
 ``TIMM_EPSANET_PSA_FORCE`` (or call :func:`force`) to a candidate's name to bypass the measurement.
 """
 
+import functools
 import math
 import os
 import statistics
@@ -127,7 +128,9 @@ class BranchConvsKey(NamedTuple):
         )
 
 
+@functools.cache
 def _device_name(device: torch.device) -> str:
+    """GPU name and compute capability (asked once per device: the key is built on every call)."""
     if device.type != 'cuda':
         return device.type
     major, minor = torch.cuda.get_device_capability(device)
