@@ -103,7 +103,9 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
 
 # --------------------------------------------------------------------------------------------------
 # Kernels. Defined only where Triton imports; decorated lazily (see _kernels) because whether
-# triton.jit builds a GPU kernel or an interpreted one is decided when it decorates.
+# triton.jit builds a GPU kernel or an interpreted one is decided when it decorates. They call
+# only builtins of triton.language (tl.full, not tl.zeros or tl.cdiv, which are themselves
+# @triton.jit functions and would not run in an interpreter started after Triton's import).
 # --------------------------------------------------------------------------------------------------
 
 if triton is not None:
@@ -125,6 +127,7 @@ if triton is not None:
         STRIDE: tl.constexpr,
         DIL: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        DOT_UPCAST: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, so dot in fp32 there
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -155,27 +158,31 @@ if triton is not None:
             ci_lo = (n0 // cout_g) * cin_g
             ci_hi = ((tl.minimum(n0 + BLOCK_N, cout) - 1) // cout_g + 1) * cin_g
 
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for tap in range(0, ksize * ksize):
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+            # One flat loop over (tap, channel chunk) so that Triton pipelines the loads across taps.
+            chunks = (ci_hi - ci_lo + BLOCK_K - 1) // BLOCK_K
+            for it in range(0, ksize * ksize * chunks):
+                tap = it // chunks
                 kh = tap // ksize
                 kw = tap % ksize
                 ih = oh * STRIDE - pad + kh * DIL
                 iw = ow * STRIDE - pad + kw * DIL
                 pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 x_row = tl.where(pix_ok, ((b * H + ih) * W + iw) * CIN, 0)
-                w_tap = w_off + tap * cin_g * cout
-                for c0 in range(ci_lo, ci_hi, BLOCK_K):
-                    offs_k = c0 + tl.arange(0, BLOCK_K)
-                    k_ok = offs_k < ci_hi
-                    a = tl.load(
-                        x_ptr + x_row[:, None] + tl.where(k_ok, offs_k, 0)[None, :],
-                        mask=pix_ok[:, None] & k_ok[None, :],
-                        other=0.0,
-                    )
-                    # Block-diagonal weights: zero where the input channel is in another group.
-                    w_ok = k_ok[:, None] & n_ok[None, :] & ((offs_k // cin_g)[:, None] == grp_n[None, :])
-                    w_idx = w_tap + (offs_k[:, None] - grp_n[None, :] * cin_g) * cout + offs_n[None, :]
-                    wt = tl.load(w_ptr + tl.where(w_ok, w_idx, 0), mask=w_ok, other=0.0)
+                offs_k = ci_lo + (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < ci_hi
+                a = tl.load(
+                    x_ptr + x_row[:, None] + tl.where(k_ok, offs_k, 0)[None, :],
+                    mask=pix_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
+                # Block-diagonal weights: zero where the input channel is in another group.
+                w_ok = k_ok[:, None] & n_ok[None, :] & ((offs_k // cin_g)[:, None] == grp_n[None, :])
+                w_idx = w_off + (tap * cin_g + offs_k[:, None] - grp_n[None, :] * cin_g) * cout + offs_n[None, :]
+                wt = tl.load(w_ptr + tl.where(w_ok, w_idx, 0), mask=w_ok, other=0.0)
+                if DOT_UPCAST:  # exact: bf16 -> fp32 loses nothing, and the sum is fp32 either way
+                    acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision='ieee')
+                else:
                     acc += tl.dot(a, wt, input_precision=DOT_PRECISION)
 
             y_idx = offs_m.to(tl.int64)[:, None] * COUT_TOT + c_off + offs_n[None, :]
@@ -200,6 +207,7 @@ if triton is not None:
         STRIDE: tl.constexpr,
         DIL: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        DOT_UPCAST: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, so dot in fp32 there
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -216,7 +224,7 @@ if triton is not None:
         n_ok = offs_n < CIN
         n_last = tl.minimum(n0 + BLOCK_N, CIN) - 1
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for branch in range(0, NB):
             meta = meta_ptr + branch * 6
             ksize = tl.load(meta + 0)
@@ -231,7 +239,9 @@ if triton is not None:
             # Output channels of the groups this tile of input channels belongs to.
             co_lo = (n0 // cin_g) * cout_g
             co_hi = (n_last // cin_g + 1) * cout_g
-            for tap in range(0, ksize * ksize):
+            chunks = (co_hi - co_lo + BLOCK_K - 1) // BLOCK_K
+            for it in range(0, ksize * ksize * chunks):  # flat over (tap, chunk), as in _fwd_kernel
+                tap = it // chunks
                 kh = tap // ksize
                 kw = tap % ksize
                 th = ih + pad - kh * DIL  # = oh * STRIDE when this tap of output pixel oh read ih
@@ -242,18 +252,19 @@ if triton is not None:
                 if STRIDE > 1:
                     pix_ok = pix_ok & (th % STRIDE == 0) & (tw % STRIDE == 0)
                 dy_row = tl.where(pix_ok, ((b * HO + oh) * WO + ow) * COUT_TOT + c_off, 0)
-                w_tap = w_off + tap * cin_g * cout
-                for c0 in range(co_lo, co_hi, BLOCK_K):
-                    offs_k = c0 + tl.arange(0, BLOCK_K)  # output channels of this branch
-                    k_ok = offs_k < co_hi
-                    a = tl.load(
-                        dy_ptr + dy_row[:, None] + tl.where(k_ok, offs_k, 0)[None, :],
-                        mask=pix_ok[:, None] & k_ok[None, :],
-                        other=0.0,
-                    )
-                    w_ok = k_ok[:, None] & n_ok[None, :] & ((offs_k // cout_g)[:, None] == grp_n[None, :])
-                    w_idx = w_tap + ci_local[None, :] * cout + offs_k[:, None]
-                    wt = tl.load(w_ptr + tl.where(w_ok, w_idx, 0), mask=w_ok, other=0.0)
+                offs_k = co_lo + (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)  # this branch's outputs
+                k_ok = offs_k < co_hi
+                a = tl.load(
+                    dy_ptr + dy_row[:, None] + tl.where(k_ok, offs_k, 0)[None, :],
+                    mask=pix_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
+                w_ok = k_ok[:, None] & n_ok[None, :] & ((offs_k // cout_g)[:, None] == grp_n[None, :])
+                w_idx = w_off + (tap * cin_g + ci_local[None, :]) * cout + offs_k[:, None]
+                wt = tl.load(w_ptr + tl.where(w_ok, w_idx, 0), mask=w_ok, other=0.0)
+                if DOT_UPCAST:  # exact: bf16 -> fp32 loses nothing, and the sum is fp32 either way
+                    acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision='ieee')
+                else:
                     acc += tl.dot(a, wt, input_precision=DOT_PRECISION)
 
         dx_idx = offs_m.to(tl.int64)[:, None] * CIN + offs_n[None, :]
@@ -280,6 +291,7 @@ if triton is not None:
         STRIDE: tl.constexpr,
         DIL: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        DOT_UPCAST: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, so dot in fp32 there
         BLOCK_CO: tl.constexpr,
         BLOCK_CI: tl.constexpr,
         BLOCK_P: tl.constexpr,
@@ -297,7 +309,7 @@ if triton is not None:
         c_off = tl.load(meta + 4)
         w_off = tl.load(meta + 5)
         # Grid axis 0 = output-channel tiles x input-channel chunks (at most CIN / BLOCK_CI of them).
-        ci_chunks = tl.cdiv(CIN, BLOCK_CI)
+        ci_chunks = (CIN + BLOCK_CI - 1) // BLOCK_CI
         co0 = (pid0 // ci_chunks) * BLOCK_CO
         ci_lo = (co0 // cout_g) * cin_g
         ci_hi = ((tl.minimum(co0 + BLOCK_CO, cout) - 1) // cout_g + 1) * cin_g
@@ -314,7 +326,7 @@ if triton is not None:
             ci_safe = tl.where(ci_ok, offs_ci, 0)
             co_safe = tl.where(co_ok, offs_co, 0)
 
-            acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+            acc = tl.full((BLOCK_CI, BLOCK_CO), 0.0, tl.float32)
             p_lo = split * PIX_PER_SPLIT
             p_hi = tl.minimum(p_lo + PIX_PER_SPLIT, P)
             for p0 in range(p_lo, p_hi, BLOCK_P):
@@ -330,7 +342,10 @@ if triton is not None:
                 xt = tl.load(x_ptr + x_row[None, :] + ci_safe[:, None], mask=ci_ok[:, None] & x_ok[None, :], other=0.0)
                 dy_row = tl.where(p_ok, offs_p.to(tl.int64) * COUT_TOT + c_off, 0)
                 dyt = tl.load(dy_ptr + dy_row[:, None] + co_safe[None, :], mask=p_ok[:, None] & co_ok[None, :], other=0.0)
-                acc += tl.dot(xt, dyt, input_precision=DOT_PRECISION)
+                if DOT_UPCAST:  # exact: bf16 -> fp32 loses nothing, and the sum is fp32 either way
+                    acc += tl.dot(xt.to(tl.float32), dyt.to(tl.float32), input_precision='ieee')
+                else:
+                    acc += tl.dot(xt, dyt, input_precision=DOT_PRECISION)
 
             # Keep the block-diagonal entries: input channel and output channel in the same group.
             grp_co = offs_co // cout_g
@@ -491,9 +506,11 @@ class _Branches:
         return out
 
 
-def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+def _dot_options(dtype: torch.dtype, allow_tf32: bool) -> Dict[str, object]:
     # Only fp32 operands have a choice; for fp16/bf16 tl.dot's default is the tensor-core path.
-    return 'tf32' if (dtype != torch.float32 or allow_tf32) else 'ieee'
+    precision = 'tf32' if (dtype != torch.float32 or allow_tf32) else 'ieee'
+    # Triton's interpreter (3.8) multiplies bf16 dot operands as garbage; fp32 there is exact.
+    return dict(DOT_PRECISION=precision, DOT_UPCAST=_interpreting() and dtype == torch.bfloat16)
 
 
 def _output_size(size: int, stride: int) -> int:
@@ -527,7 +544,7 @@ def _forward_impl(x, weights, groups, stride, dilation, allow_tf32) -> torch.Ten
             'fwd', grid,
             xh, _Branches.flat_weights(weights), y, branches.table(x.device),
             height, width, cin, ho, wo, branches.cout_total, m, branches.layout_key, branches.widest,
-            STRIDE=stride, DIL=dilation, DOT_PRECISION=_dot_precision(x.dtype, allow_tf32),
+            STRIDE=stride, DIL=dilation, **_dot_options(x.dtype, allow_tf32),
         )  # fmt: skip
     return y.permute(0, 3, 1, 2)
 
@@ -545,7 +562,7 @@ def _backward_input_impl(grad, x, weights, groups, stride, dilation, allow_tf32)
             'dx', grid,
             dyh, _Branches.flat_weights(weights), dx, branches.table(x.device), len(weights),
             height, width, cin, ho, wo, branches.cout_total, m, branches.layout_key, cin,
-            STRIDE=stride, DIL=dilation, DOT_PRECISION=_dot_precision(x.dtype, allow_tf32),
+            STRIDE=stride, DIL=dilation, **_dot_options(x.dtype, allow_tf32),
         )  # fmt: skip
     return dx.permute(0, 3, 1, 2)
 
@@ -570,7 +587,7 @@ def _backward_weight_impl(grad, x, weights, groups, stride, dilation, allow_tf32
         xh, dyh, partial, branches.table(x.device),
         height, width, cin, ho, wo, branches.cout_total, p, branches.total_w, pix_per_split, split,
         branches.layout_key, branches.widest,
-        STRIDE=stride, DIL=dilation, DOT_PRECISION=_dot_precision(x.dtype, allow_tf32),
+        STRIDE=stride, DIL=dilation, **_dot_options(x.dtype, allow_tf32),
     )  # fmt: skip
     grads = branches.unflatten(partial.sum(0))
     return [g.to(w.dtype) for g, w in zip(grads, weights)]
