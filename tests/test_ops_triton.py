@@ -35,7 +35,7 @@ def _weights(cin, couts, kernels, groups, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [
         torch.randn(c, cin // g, k, k, generator=gen, dtype=torch.float64) / (k * (cin // g) ** 0.5)
-        for c, k, g in zip(couts, kernels, groups)
+        for c, k, g in zip(couts, kernels, groups, strict=True)
     ]
 
 
@@ -61,7 +61,7 @@ def _check(x, weights, groups, stride, dilation, dtype, tol, channels_last=True)
     out.backward(grad.to(dtype))
     ref.backward(grad)
     assert xt.grad.dtype == dtype and _rel(xt.grad, xr.grad) < tol, f'input grad {_rel(xt.grad, xr.grad):.2e}'
-    for i, (a, b) in enumerate(zip(wt, wr)):
+    for i, (a, b) in enumerate(zip(wt, wr, strict=True)):
         assert a.grad.shape == b.grad.shape and a.grad.dtype == dtype
         assert _rel(a.grad, b.grad) < tol, f'weight grad of branch {i}: {_rel(a.grad, b.grad):.2e}'
 
@@ -195,7 +195,7 @@ def test_compiled_forward_and_backward_match_eager(interpret):
     module.zero_grad()
     compiled_x = x.clone().requires_grad_()
     torch.compile(module, backend='aot_eager', fullgraph=True)(compiled_x).sum().backward()
-    for a, b in zip([compiled_x.grad] + [p.grad for p in module.parameters()], eager_grads):
+    for a, b in zip([compiled_x.grad] + [p.grad for p in module.parameters()], eager_grads, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -221,10 +221,15 @@ _SHARED_LIMIT = {90: 232448, 80: 166912}
 
 def _signature(fn, pointer_dtype, constexprs):
     types = {'meta_ptr': '*i32', 'dw_ptr': '*fp32'}
-    return {
-        name: 'constexpr' if name in constexprs else types.get(name, '*' + pointer_dtype) if name.endswith('_ptr') else 'i32'
-        for name in fn.arg_names
-    }
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = 'constexpr'
+        elif name.endswith('_ptr'):
+            signature[name] = types.get(name, '*' + pointer_dtype)
+        else:
+            signature[name] = 'i32'
+    return signature
 
 
 @pytest.mark.parametrize('capability, dtype, precision', [(90, 'bf16', 'tf32'), (80, 'fp16', 'tf32')])

@@ -72,7 +72,7 @@ def psa_branch_convs_reference(
     """What the kernels compute: every branch's same-padded conv, concatenated last branch first."""
     feats = [
         F.conv2d(x, w, None, stride, dilation * (w.shape[-1] - 1) // 2, dilation, g)
-        for w, g in reversed(list(zip(weights, groups)))
+        for w, g in reversed(list(zip(weights, groups, strict=True)))
     ]
     return torch.cat(feats, 1)
 
@@ -341,7 +341,9 @@ if triton is not None:
                 x_row = tl.where(x_ok, ((b * H + ih) * W + iw) * CIN, 0)
                 xt = tl.load(x_ptr + x_row[None, :] + ci_safe[:, None], mask=ci_ok[:, None] & x_ok[None, :], other=0.0)
                 dy_row = tl.where(p_ok, offs_p.to(tl.int64) * COUT_TOT + c_off, 0)
-                dyt = tl.load(dy_ptr + dy_row[:, None] + co_safe[None, :], mask=p_ok[:, None] & co_ok[None, :], other=0.0)
+                dyt = tl.load(
+                    dy_ptr + dy_row[:, None] + co_safe[None, :], mask=p_ok[:, None] & co_ok[None, :], other=0.0
+                )
                 if DOT_UPCAST:  # exact: bf16 -> fp32 loses nothing, and the sum is fp32 either way
                     acc += tl.dot(xt.to(tl.float32), dyt.to(tl.float32), input_precision='ieee')
                 else:
@@ -451,9 +453,9 @@ def _kernels(interpret: bool) -> Dict[str, object]:
     ):
         jitted = triton.jit(do_not_specialize=['LAYOUT_KEY', 'WIDEST_N'])(fn)
         kernels[name] = jitted
-        kernels[name + '_tuned'] = triton.autotune(
-            configs, key=key, prune_configs_by={'early_config_prune': prune}
-        )(jitted)
+        kernels[name + '_tuned'] = triton.autotune(configs, key=key, prune_configs_by={'early_config_prune': prune})(
+            jitted
+        )
         kernels[name + '_configs'] = configs
     return kernels
 
@@ -474,7 +476,9 @@ class _Branches:
     """The branches of one PSA module in the kernels' terms: the int32 table and the flat weights."""
 
     def __init__(self, cin: int, weights: Sequence[torch.Tensor], groups: Sequence[int]):
-        self.shapes = [(int(w.shape[0]), int(w.shape[1]), int(w.shape[-1]), int(g)) for w, g in zip(weights, groups)]
+        self.shapes = [
+            (int(w.shape[0]), int(w.shape[1]), int(w.shape[-1]), int(g)) for w, g in zip(weights, groups, strict=True)
+        ]
         couts = [s[0] for s in self.shapes]
         rows, w_off = [], 0
         for i, (cout, cin_g, k, g) in enumerate(self.shapes):
@@ -539,7 +543,10 @@ def _forward_impl(x, weights, groups, stride, dilation, allow_tf32) -> torch.Ten
     y = torch.empty((batch, ho, wo, branches.cout_total), dtype=x.dtype, device=x.device)
     m = batch * ho * wo
     if m > 0:
-        grid = lambda meta: (triton.cdiv(m, meta['BLOCK_M']), triton.cdiv(branches.widest, meta['BLOCK_N']), len(weights))  # noqa: E731
+
+        def grid(meta):
+            return triton.cdiv(m, meta['BLOCK_M']), triton.cdiv(branches.widest, meta['BLOCK_N']), len(weights)
+
         _launch(
             'fwd', grid,
             xh, _Branches.flat_weights(weights), y, branches.table(x.device),
@@ -557,7 +564,10 @@ def _backward_input_impl(grad, x, weights, groups, stride, dilation, allow_tf32)
     dx = torch.empty((batch, height, width, cin), dtype=x.dtype, device=x.device)
     m = batch * height * width
     if m > 0:
-        grid = lambda meta: (triton.cdiv(m, meta['BLOCK_M']), triton.cdiv(cin, meta['BLOCK_N']))  # noqa: E731
+
+        def grid(meta):
+            return triton.cdiv(m, meta['BLOCK_M']), triton.cdiv(cin, meta['BLOCK_N'])
+
         _launch(
             'dx', grid,
             dyh, _Branches.flat_weights(weights), dx, branches.table(x.device), len(weights),
@@ -577,11 +587,11 @@ def _backward_weight_impl(grad, x, weights, groups, stride, dilation, allow_tf32
     split = max(1, min(_DW_MAX_SPLIT, triton.cdiv(p, _DW_PIXELS_PER_SPLIT)))
     pix_per_split = max(1, triton.cdiv(p, split))
     partial = torch.empty((split, branches.total_w), dtype=torch.float32, device=x.device)
-    grid = lambda meta: (  # noqa: E731
-        triton.cdiv(branches.widest, meta['BLOCK_CO']) * triton.cdiv(cin, meta['BLOCK_CI']),
-        branches.max_taps,
-        len(weights) * split,
-    )
+
+    def grid(meta):
+        tiles = triton.cdiv(branches.widest, meta['BLOCK_CO']) * triton.cdiv(cin, meta['BLOCK_CI'])
+        return tiles, branches.max_taps, len(weights) * split
+
     _launch(
         'dw', grid,
         xh, dyh, partial, branches.table(x.device),
@@ -590,7 +600,7 @@ def _backward_weight_impl(grad, x, weights, groups, stride, dilation, allow_tf32
         STRIDE=stride, DIL=dilation, **_dot_options(x.dtype, allow_tf32),
     )  # fmt: skip
     grads = branches.unflatten(partial.sum(0))
-    return [g.to(w.dtype) for g, w in zip(grads, weights)]
+    return [g.to(w.dtype) for g, w in zip(grads, weights, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -684,7 +694,7 @@ def _check_args(x: torch.Tensor, weights: Sequence[torch.Tensor], groups: Sequen
         raise ValueError(f'psa_branch_convs_triton: {len(weights)} weights for {len(groups)} groups')
     if stride < 1 or dilation < 1:
         raise ValueError(f'psa_branch_convs_triton: stride {stride} and dilation {dilation} must be >= 1')
-    for i, (w, g) in enumerate(zip(weights, groups)):
+    for i, (w, g) in enumerate(zip(weights, groups, strict=True)):
         k = w.shape[-1]
         if w.dim() != 4 or w.shape[-2] != k or k % 2 == 0:
             raise ValueError(f'psa_branch_convs_triton: branch {i} weight {tuple(w.shape)} is not an odd square kernel')
