@@ -22,15 +22,15 @@ GEMM.
 - Forward (``_fwd_kernel``): program (pixel tile, output-channel tile, branch). For every kernel
   tap it loads the tile's input channels at the shifted pixels (zero outside the image) and
   accumulates ``x_tap @ w_tap`` in fp32; it writes straight into the branch's channel slice of the
-  concatenated NHWC output. All branches go in one launch (the branch is the third grid axis and
-  its shape is read from a small table), so the programs of all branches over one pixel tile run
-  side by side and share the input through L2.
-- Input gradient (``_dx_kernel``): program (input pixel tile, input-channel tile). It loops over
+  concatenated NHWC output. All branches go in one launch (each branch's shape is read from a small
+  table), and the grid orders programs pixel tile first, so the programs of all branches over one
+  pixel tile run side by side: the input tile is read from memory once and shared through L2.
+- Input gradient (``_dx_kernel``): program (input pixel tile, input-channel tile), one launch. It loops over
   the branches and their taps, gathers the output gradient at the pixels that tap reached
   (a transposed convolution; with stride 2 only the taps whose offset divides evenly count), and
   sums every branch into one fp32 accumulator: one write of ``dx`` for the whole module.
-- Weight gradient (``_dw_kernel``): program (output-channel tile x input-channel chunk, tap,
-  branch x pixel split). It reduces ``x_tap^T @ dy`` over its share of the pixels and keeps the
+- Weight gradient (``_dw_kernel``): program (pixel split, branch, tap, output-channel tile x
+  input-channel chunk). It reduces ``x_tap^T @ dy`` over its share of the pixels and keeps the
   block-diagonal entries. The pixel reduction is split (split-K) into partial sums that PyTorch
   adds, so small layers with big feature maps still fill the GPU, deterministically.
 
@@ -49,6 +49,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .common import same_padding
 
 try:
     import triton
@@ -71,7 +73,7 @@ def psa_branch_convs_reference(
 ) -> torch.Tensor:
     """What the kernels compute: every branch's same-padded conv, concatenated last branch first."""
     feats = [
-        F.conv2d(x, w, None, stride, dilation * (w.shape[-1] - 1) // 2, dilation, g)
+        F.conv2d(x, w, None, stride, same_padding(w.shape[-1], dilation), dilation, g)
         for w, g in reversed(list(zip(weights, groups, strict=True)))
     ]
     return torch.cat(feats, 1)
@@ -115,6 +117,7 @@ if triton is not None:
         w_ptr,  # all branches' weights, each as (k * k, CIN / g, COUT) contiguous, concatenated flat
         y_ptr,  # (B, HO, WO, COUT_TOT) contiguous: the concatenated output
         meta_ptr,  # (NB, _META_COLS) int32 branch table
+        NB,  # number of branches
         H,
         W,
         CIN,
@@ -123,7 +126,7 @@ if triton is not None:
         COUT_TOT,
         M,  # B * HO * WO output pixels
         LAYOUT_KEY,  # autotuning key only: the branches' kernel sizes and groups
-        WIDEST_N,  # autotuning pruning only: the widest channel tile worth having
+        WIDEST_N,  # channels of the widest tile dimension (also prunes the autotune configs)
         STRIDE: tl.constexpr,
         DIL: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
@@ -132,9 +135,13 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        branch = tl.program_id(2)
+        # 1-D grid, pixel tile slowest: the programs of every branch and channel tile over one pixel
+        # tile run side by side, so the input tile comes from HBM once and from L2 after that.
+        n_tiles = (WIDEST_N + BLOCK_N - 1) // BLOCK_N
+        pid = tl.program_id(0)
+        pid_m = pid // (NB * n_tiles)
+        branch = (pid // n_tiles) % NB
+        pid_n = pid % n_tiles
         meta = meta_ptr + branch * 6
         ksize = tl.load(meta + 0)
         cin_g = tl.load(meta + 1)
@@ -203,7 +210,7 @@ if triton is not None:
         COUT_TOT,
         M,  # B * H * W input pixels
         LAYOUT_KEY,  # autotuning key only: the branches' kernel sizes and groups
-        WIDEST_N,  # autotuning pruning only: the widest channel tile worth having
+        WIDEST_N,  # channels of the widest tile dimension (also prunes the autotune configs)
         STRIDE: tl.constexpr,
         DIL: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
@@ -212,8 +219,11 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        # 1-D grid, channel tile fastest (the tiles of one pixel tile share their dy rows in L2).
+        n_tiles = (WIDEST_N + BLOCK_N - 1) // BLOCK_N
+        pid = tl.program_id(0)
+        pid_m = pid // n_tiles
+        pid_n = pid % n_tiles
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         iw = offs_m % W
@@ -285,9 +295,11 @@ if triton is not None:
         P,  # B * HO * WO output pixels, the reduction
         TOTAL_W,
         PIX_PER_SPLIT,
-        SPLIT,
+        SPLIT,  # pixel splits (autotuning key; the grid carries them)
+        NB,
+        MAX_TAPS,
         LAYOUT_KEY,  # autotuning key only: the branches' kernel sizes and groups
-        WIDEST_N,  # autotuning pruning only: the widest channel tile worth having
+        WIDEST_N,  # channels of the widest tile dimension (also prunes the autotune configs)
         STRIDE: tl.constexpr,
         DIL: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
@@ -296,11 +308,15 @@ if triton is not None:
         BLOCK_CI: tl.constexpr,
         BLOCK_P: tl.constexpr,
     ):
-        pid0 = tl.program_id(0)
-        tap = tl.program_id(1)
-        pid2 = tl.program_id(2)
-        branch = pid2 // SPLIT
-        split = pid2 % SPLIT
+        # 1-D grid over (pixel split, branch, tap, channel tile), split slowest: the programs reading
+        # one range of pixels (at every tap and branch) run side by side and share it in L2.
+        ci_chunks = (CIN + BLOCK_CI - 1) // BLOCK_CI  # input-channel chunks of a tile, at most
+        tiles = (WIDEST_N + BLOCK_CO - 1) // BLOCK_CO * ci_chunks
+        pid = tl.program_id(0)
+        split = pid // (NB * MAX_TAPS * tiles)
+        branch = (pid // (MAX_TAPS * tiles)) % NB
+        tap = (pid // tiles) % MAX_TAPS
+        pid0 = pid % tiles
         meta = meta_ptr + branch * 6
         ksize = tl.load(meta + 0)
         cin_g = tl.load(meta + 1)
@@ -308,8 +324,6 @@ if triton is not None:
         cout = tl.load(meta + 3)
         c_off = tl.load(meta + 4)
         w_off = tl.load(meta + 5)
-        # Grid axis 0 = output-channel tiles x input-channel chunks (at most CIN / BLOCK_CI of them).
-        ci_chunks = (CIN + BLOCK_CI - 1) // BLOCK_CI
         co0 = (pid0 // ci_chunks) * BLOCK_CO
         ci_lo = (co0 // cout_g) * cin_g
         ci_hi = ((tl.minimum(co0 + BLOCK_CO, cout) - 1) // cout_g + 1) * cin_g
@@ -545,11 +559,11 @@ def _forward_impl(x, weights, groups, stride, dilation, allow_tf32) -> torch.Ten
     if m > 0:
 
         def grid(meta):
-            return triton.cdiv(m, meta['BLOCK_M']), triton.cdiv(branches.widest, meta['BLOCK_N']), len(weights)
+            return (triton.cdiv(m, meta['BLOCK_M']) * triton.cdiv(branches.widest, meta['BLOCK_N']) * len(weights),)
 
         _launch(
             'fwd', grid,
-            xh, _Branches.flat_weights(weights), y, branches.table(x.device),
+            xh, _Branches.flat_weights(weights), y, branches.table(x.device), len(weights),
             height, width, cin, ho, wo, branches.cout_total, m, branches.layout_key, branches.widest,
             STRIDE=stride, DIL=dilation, **_dot_options(x.dtype, allow_tf32),
         )  # fmt: skip
@@ -566,7 +580,7 @@ def _backward_input_impl(grad, x, weights, groups, stride, dilation, allow_tf32)
     if m > 0:
 
         def grid(meta):
-            return triton.cdiv(m, meta['BLOCK_M']), triton.cdiv(cin, meta['BLOCK_N'])
+            return (triton.cdiv(m, meta['BLOCK_M']) * triton.cdiv(cin, meta['BLOCK_N']),)
 
         _launch(
             'dx', grid,
@@ -590,13 +604,13 @@ def _backward_weight_impl(grad, x, weights, groups, stride, dilation, allow_tf32
 
     def grid(meta):
         tiles = triton.cdiv(branches.widest, meta['BLOCK_CO']) * triton.cdiv(cin, meta['BLOCK_CI'])
-        return tiles, branches.max_taps, len(weights) * split
+        return (tiles * branches.max_taps * len(weights) * split,)
 
     _launch(
         'dw', grid,
         xh, dyh, partial, branches.table(x.device),
         height, width, cin, ho, wo, branches.cout_total, p, branches.total_w, pix_per_split, split,
-        branches.layout_key, branches.widest,
+        len(weights), branches.max_taps, branches.layout_key, branches.widest,
         STRIDE=stride, DIL=dilation, **_dot_options(x.dtype, allow_tf32),
     )  # fmt: skip
     grads = branches.unflatten(partial.sum(0))
