@@ -247,6 +247,8 @@ def test_kernels_compile_for_gpu(monkeypatch, kernel, capability, dtype, precisi
         ('BLOCK_M', 'BLOCK_K'), ('BLOCK_K', 'BLOCK_N'))  # fmt: skip
     for config in configs:
         constexprs = dict(STRIDE=2, DIL=1, DOT_PRECISION=precision, DOT_UPCAST=False, **config.kwargs)
+        if kernel == 'dx':
+            constexprs['TAP_STEP'] = 2
         source = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
         compiled = triton.compile(source, target=GPUTarget('cuda', capability, 32), options=options)

@@ -44,6 +44,7 @@ backward ops) with fake implementations, so ``torch.compile`` traces through the
 """
 
 import functools
+import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -208,27 +209,37 @@ if triton is not None:
         HO,
         WO,
         COUT_TOT,
-        M,  # B * H * W input pixels
+        M,  # B * ceil(H / STRIDE) * ceil(W / STRIDE): input pixels of one stride phase
         LAYOUT_KEY,  # autotuning key only: the branches' kernel sizes and groups
         WIDEST_N,  # channels of the widest tile dimension (also prunes the autotune configs)
         STRIDE: tl.constexpr,
         DIL: tl.constexpr,
+        TAP_STEP: tl.constexpr,  # STRIDE / gcd(DIL, STRIDE): distance between the taps of one phase
         DOT_PRECISION: tl.constexpr,
         DOT_UPCAST: tl.constexpr,  # interpreter only: its bf16 tl.dot is wrong, so dot in fp32 there
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        # 1-D grid, channel tile fastest (the tiles of one pixel tile share their dy rows in L2).
+        # With stride S an input row ih receives gradient only from taps kh with (ih + pad - kh * DIL)
+        # divisible by S, and which taps those are depends only on ih mod S. So each program takes
+        # input pixels of one phase (ih mod S, iw mod S) and loops over that phase's taps alone,
+        # instead of masking S*S - 1 of every S*S tap loads away.
+        # 1-D grid: pixel tile slowest, then phase, then channel tile (neighbours share dy in L2).
         n_tiles = (WIDEST_N + BLOCK_N - 1) // BLOCK_N
         pid = tl.program_id(0)
-        pid_m = pid // n_tiles
+        pid_m = pid // (STRIDE * STRIDE * n_tiles)
+        phase = (pid // n_tiles) % (STRIDE * STRIDE)
         pid_n = pid % n_tiles
+        ph = phase // STRIDE
+        pw = phase % STRIDE
+        hc = (H + STRIDE - 1) // STRIDE
+        wc = (W + STRIDE - 1) // STRIDE
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        iw = offs_m % W
-        ih = (offs_m // W) % H
-        b = (offs_m // (W * H)).to(tl.int64)
+        iw = (offs_m % wc) * STRIDE + pw
+        ih = ((offs_m // wc) % hc) * STRIDE + ph
+        b = (offs_m // (wc * hc)).to(tl.int64)
+        m_ok = (offs_m < M) & (ih < H) & (iw < W)
         n0 = pid_n * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)  # input channels
         n_ok = offs_n < CIN
@@ -244,25 +255,30 @@ if triton is not None:
             c_off = tl.load(meta + 4)
             w_off = tl.load(meta + 5)
             pad = DIL * (ksize - 1) // 2
+            # This phase's taps: kh = kh0, kh0 + TAP_STEP, ...; likewise kw. kh0 is the first tap in
+            # [0, STRIDE) that lands on an output row, if any (none: kh0 = ksize, so no taps).
+            kh0 = ksize
+            kw0 = ksize
+            for t in tl.static_range(STRIDE):
+                kh0 = tl.where(((ph + pad - t * DIL) % STRIDE == 0) & (kh0 == ksize), t, kh0)
+                kw0 = tl.where(((pw + pad - t * DIL) % STRIDE == 0) & (kw0 == ksize), t, kw0)
+            kh_count = tl.maximum(ksize - kh0 + TAP_STEP - 1, 0) // TAP_STEP
+            kw_count = tl.maximum(ksize - kw0 + TAP_STEP - 1, 0) // TAP_STEP
             grp_n = offs_n // cin_g
             ci_local = offs_n - grp_n * cin_g
             # Output channels of the groups this tile of input channels belongs to.
             co_lo = (n0 // cin_g) * cout_g
             co_hi = (n_last // cin_g + 1) * cout_g
             chunks = (co_hi - co_lo + BLOCK_K - 1) // BLOCK_K
-            for it in range(0, ksize * ksize * chunks):  # flat over (tap, chunk), as in _fwd_kernel
-                tap = it // chunks
-                kh = tap // ksize
-                kw = tap % ksize
-                th = ih + pad - kh * DIL  # = oh * STRIDE when this tap of output pixel oh read ih
-                tw = iw + pad - kw * DIL
-                oh = th // STRIDE
-                ow = tw // STRIDE
-                pix_ok = m_ok & (th >= 0) & (tw >= 0) & (oh < HO) & (ow < WO)
-                if STRIDE > 1:
-                    pix_ok = pix_ok & (th % STRIDE == 0) & (tw % STRIDE == 0)
+            for it in range(0, kh_count * kw_count * chunks):  # flat over (tap, chunk), as in _fwd_kernel
+                tap_i = it // chunks
+                kh = kh0 + (tap_i // kw_count) * TAP_STEP
+                kw = kw0 + (tap_i % kw_count) * TAP_STEP
+                oh = (ih + pad - kh * DIL) // STRIDE  # exact: the phase picked kh so that it divides
+                ow = (iw + pad - kw * DIL) // STRIDE
+                pix_ok = m_ok & (ih + pad - kh * DIL >= 0) & (iw + pad - kw * DIL >= 0) & (oh < HO) & (ow < WO)
                 dy_row = tl.where(pix_ok, ((b * HO + oh) * WO + ow) * COUT_TOT + c_off, 0)
-                offs_k = co_lo + (it - tap * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)  # this branch's outputs
+                offs_k = co_lo + (it - tap_i * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)  # this branch's outputs
                 k_ok = offs_k < co_hi
                 a = tl.load(
                     dy_ptr + dy_row[:, None] + tl.where(k_ok, offs_k, 0)[None, :],
@@ -270,14 +286,14 @@ if triton is not None:
                     other=0.0,
                 )
                 w_ok = k_ok[:, None] & n_ok[None, :] & ((offs_k // cout_g)[:, None] == grp_n[None, :])
-                w_idx = w_off + (tap * cin_g + ci_local[None, :]) * cout + offs_k[:, None]
+                w_idx = w_off + ((kh * ksize + kw) * cin_g + ci_local[None, :]) * cout + offs_k[:, None]
                 wt = tl.load(w_ptr + tl.where(w_ok, w_idx, 0), mask=w_ok, other=0.0)
                 if DOT_UPCAST:  # exact: bf16 -> fp32 loses nothing, and the sum is fp32 either way
                     acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision='ieee')
                 else:
                     acc += tl.dot(a, wt, input_precision=DOT_PRECISION)
 
-        dx_idx = offs_m.to(tl.int64)[:, None] * CIN + offs_n[None, :]
+        dx_idx = ((b * H + ih) * W + iw)[:, None] * CIN + offs_n[None, :]
         dx_ok = m_ok[:, None] & n_ok[None, :]
         tl.store(dx_ptr + tl.where(dx_ok, dx_idx, 0), acc.to(dx_ptr.dtype.element_ty), mask=dx_ok)
 
@@ -394,6 +410,14 @@ def _gemm_configs() -> List:
     ]
 
 
+def _dx_configs() -> List:
+    """The input gradient's K is the output channels of a tile's groups: few in grouped branches, so also BLOCK_K=16."""
+    return _gemm_configs() + [
+        _config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16),
+        _config(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=16),
+    ]
+
+
 def _dw_configs() -> List:
     """Configs of the weight-gradient kernel (BLOCK_CI x BLOCK_CO tile, BLOCK_P pixels per step)."""
     return [
@@ -462,7 +486,7 @@ def _kernels(interpret: bool) -> Dict[str, object]:
     kernels = {}
     for name, fn, configs, key, prune in (
         ('fwd', _fwd_kernel, _gemm_configs(), _GEMM_KEY, _prune_gemm),
-        ('dx', _dx_kernel, _gemm_configs(), _GEMM_KEY, _prune_gemm),
+        ('dx', _dx_kernel, _dx_configs(), _GEMM_KEY, _prune_gemm),
         ('dw', _dw_kernel, _dw_configs(), _DW_KEY, _prune_dw),
     ):
         jitted = triton.jit(do_not_specialize=['LAYOUT_KEY', 'WIDEST_N'])(fn)
@@ -508,7 +532,7 @@ class _Branches:
         self.cin = cin
 
     def table(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.rows, dtype=torch.int32, device=device)
+        return _branch_table(tuple(tuple(row) for row in self.rows), device)
 
     @staticmethod
     def flat_weights(weights: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -522,6 +546,12 @@ class _Branches:
             out.append(flat[start : start + n].view(k, k, cin_g, cout).permute(3, 2, 0, 1).contiguous())
             start += n
         return out
+
+
+@functools.lru_cache(maxsize=256)
+def _branch_table(rows: Tuple[Tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    # Cached per layer shape and device: a fresh host-to-device copy on every call would stall the host.
+    return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
 def _dot_options(dtype: torch.dtype, allow_tf32: bool) -> Dict[str, object]:
@@ -546,7 +576,8 @@ def _launch(name: str, grid, *args, **constexprs) -> None:
         config = kernels[name + '_configs'][_INTERPRETER_CONFIG[name]]
         kernels[name][grid](*args, **constexprs, **config.all_kwargs())
     else:
-        kernels[name + '_tuned'][grid](*args, **constexprs)
+        with torch.cuda.device(args[0].device):  # Triton launches on the current device
+            kernels[name + '_tuned'][grid](*args, **constexprs)
 
 
 def _forward_impl(x, weights, groups, stride, dilation, allow_tf32) -> torch.Tensor:
@@ -576,17 +607,19 @@ def _backward_input_impl(grad, x, weights, groups, stride, dilation, allow_tf32)
     batch, ho, wo, _ = dyh.shape
     height, width, cin = x.shape[2], x.shape[3], x.shape[1]
     dx = torch.empty((batch, height, width, cin), dtype=x.dtype, device=x.device)
-    m = batch * height * width
+    # pixels of one stride phase (see _dx_kernel)
+    m = batch * triton.cdiv(height, stride) * triton.cdiv(width, stride)
     if m > 0:
 
         def grid(meta):
-            return (triton.cdiv(m, meta['BLOCK_M']) * triton.cdiv(cin, meta['BLOCK_N']),)
+            return (triton.cdiv(m, meta['BLOCK_M']) * stride * stride * triton.cdiv(cin, meta['BLOCK_N']),)
 
         _launch(
             'dx', grid,
             dyh, _Branches.flat_weights(weights), dx, branches.table(x.device), len(weights),
             height, width, cin, ho, wo, branches.cout_total, m, branches.layout_key, cin,
-            STRIDE=stride, DIL=dilation, **_dot_options(x.dtype, allow_tf32),
+            STRIDE=stride, DIL=dilation, TAP_STEP=stride // math.gcd(dilation, stride),
+            **_dot_options(x.dtype, allow_tf32),
         )  # fmt: skip
     return dx.permute(0, 3, 1, 2)
 
