@@ -5,7 +5,7 @@ kernels on first use, so setting the variable per test is enough). Outputs and g
 inputs are compared with a float64 reference to 1e-5 relative (the interpreter computes fp32 dots
 in fp32), fp16/bf16 to 1e-2. A second group of tests compiles every kernel with every autotune
 config for sm_90 and sm_80 without a GPU, which catches what the interpreter lets through
-(tl.dot's shape rules, shared memory). Cost on 2 cores: ~60 s interpreter, ~60 s compiles.
+(tl.dot's shape rules, shared memory). Cost: ~100 s of CPU time (about half interpreter, half compiles).
 """
 
 import pytest

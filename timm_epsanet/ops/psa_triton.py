@@ -25,10 +25,12 @@ GEMM.
   concatenated NHWC output. All branches go in one launch (each branch's shape is read from a small
   table), and the grid orders programs pixel tile first, so the programs of all branches over one
   pixel tile run side by side: the input tile is read from memory once and shared through L2.
-- Input gradient (``_dx_kernel``): program (input pixel tile, input-channel tile), one launch. It loops over
-  the branches and their taps, gathers the output gradient at the pixels that tap reached
-  (a transposed convolution; with stride 2 only the taps whose offset divides evenly count), and
-  sums every branch into one fp32 accumulator: one write of ``dx`` for the whole module.
+- Input gradient (``_dx_kernel``): program (input pixel tile, stride phase, input-channel tile),
+  one launch. It loops over the branches and their taps, gathers the output gradient at the pixels
+  each tap reached (a transposed convolution) and sums every branch into one fp32 accumulator: one
+  write of ``dx`` for the whole module. With stride 2 the pixels of a tile share their phase
+  (row and column parity), so the program visits only the taps that reach that phase instead of
+  masking three quarters of every tap away.
 - Weight gradient (``_dw_kernel``): program (pixel split, branch, tap, output-channel tile x
   input-channel chunk). It reduces ``x_tap^T @ dy`` over its share of the pixels and keeps the
   block-diagonal entries. The pixel reduction is split (split-K) into partial sums that PyTorch
@@ -38,9 +40,15 @@ fp32 inputs use TF32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is on
 switch for convolutions) and IEEE fp32 when it is off; fp16/bf16 accumulate in fp32. NCHW inputs
 are converted to NHWC (channels_last) around the kernels and the result converted back.
 
+On a GPU every kernel is autotuned (``triton.autotune``) over a few tile configs on its first call
+for each layer shape and dtype; configs whose pipelined tiles would not fit the device's shared
+memory are pruned first, so the same lists serve an H100, an A100 or a consumer card. Under the
+interpreter one fixed config runs (``_INTERPRETER_CONFIG``).
+
 The kernels are ``torch.library`` custom ops (``timm_epsanet::psa_branch_convs`` and its two
-backward ops) with fake implementations, so ``torch.compile`` traces through them. On a CPU, set
-``TRITON_INTERPRET=1`` to run them in Triton's interpreter (slow; the tests do this).
+backward ops) with fake implementations, so ``torch.compile`` traces through them. The backward
+ops have no derivative of their own (no double backward). On a CPU, set ``TRITON_INTERPRET=1`` to
+run them in Triton's interpreter (slow; the tests do this).
 """
 
 import functools
