@@ -75,6 +75,6 @@ def test_runner_missing_script(tmp_path, capsys):
 
 def test_runner_without_script(capsys):
     with pytest.raises(SystemExit) as e:
-        main([])
+        main([], prog='python -m timm_epsanet.run')
     assert e.value.code == 2
-    assert 'usage: python -m timm_epsanet.run SCRIPT' in capsys.readouterr().err
+    assert 'usage: python -m timm_epsanet.run [-h] SCRIPT' in capsys.readouterr().err
