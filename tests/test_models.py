@@ -183,3 +183,22 @@ def test_zoo_cli_prints_table():
     assert '22.56' in rows['epsanet50'] and '3.60' in rows['epsanet50'] and '77.49' in rows['epsanet50']
     assert '64/256/512/1024/2048' in rows['epsanet101']
     assert 'not published' in rows['epsanet101_large']
+
+
+def test_model_fast_equals_reference():
+    """Whole network, NCHW input: float32 logits to 1e-4, and float64 parameter gradients to rounding.
+
+    Gradients are compared in float64 because in float32 the layout switch's rounding (~1e-7) can flip a
+    ReLU whose input is that close to zero, which moves single gradient entries by ~1e-4.
+    """
+    torch.manual_seed(0)
+    fast = timm.create_model('epsanet50', num_classes=10).eval()
+    ref = timm.create_model('epsanet50', num_classes=10, psa_impl='reference').eval()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, 64, 72)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=1e-4)
+    for model in (fast.double(), ref.double()):
+        model(x.double()).logsumexp(dim=1).sum().backward()
+    for (name, p_f), p_r in zip(fast.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p_f.grad, p_r.grad, rtol=0, atol=1e-10, msg=name)

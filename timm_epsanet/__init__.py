@@ -5,12 +5,8 @@ Importing this package registers ``epsanet50``, ``epsanet101``, ``epsanet50_larg
 creates models by name can build them.
 """
 
-from .epsanet import (
-    HUB_ORGANIZATION,
-    EPSABottleneck,
-    PyramidSqueezeAttention,
-    checkpoint_filter_fn,
-)
+from .epsanet import HUB_ORGANIZATION, EPSABottleneck, checkpoint_filter_fn
+from .layers import PyramidSqueezeAttention
 
 __version__ = '0.1.0'
 
