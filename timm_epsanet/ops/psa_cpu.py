@@ -179,10 +179,13 @@ def _merged_weight_grads(
     kernel = max(w.shape[-1] for w in weights)
     batch, in_chs = x.shape[0], x.shape[1]
     out_height, out_width = grad_outputs[0].shape[-2], grad_outputs[0].shape[-1]
-    # (B, G, rows of each branch, H, W) -> merged rows in group-major order
+    # (B, G, rows of each branch, H, W) -> merged rows in group-major order. Sizes are spelled out, not -1:
+    # an empty batch (DDP's uneven last batch) leaves a -1 undetermined.
     grad_merged = torch.cat(
-        [g.reshape(batch, merged_groups, -1, out_height, out_width) for g in grad_outputs], dim=2
-    ).reshape(batch, -1, out_height, out_width)
+        [g.reshape(batch, merged_groups, g.shape[1] // merged_groups, out_height, out_width) for g in grad_outputs],
+        dim=2,
+    )
+    grad_merged = grad_merged.reshape(batch, grad_merged.shape[1] * grad_merged.shape[2], out_height, out_width)
     weight_shape = [grad_merged.shape[1], in_chs // merged_groups, kernel, kernel]
     merged_weight = x.new_zeros(weight_shape)  # only its shape matters for the weight gradient
     _, grad_weight = _grouped_conv_backward(
