@@ -136,10 +136,8 @@ def test_parser_on_a_sample():
         (11, 'bash', ''),
     ]
     assert blocks[2].code == 'python -m timm_epsanet.benchmark --threads 2 \\\n    --rounds 5  # note\n'
-    assert (
-        shrink(blocks[2].code)
-        == f'python -m timm_epsanet.benchmark --threads 2      --rounds 5 {TINY["python -m timm_epsanet.benchmark"]} # note\n'
-    )
+    tiny = TINY['python -m timm_epsanet.benchmark']
+    assert shrink(blocks[2].code) == f'python -m timm_epsanet.benchmark --threads 2      --rounds 5 {tiny} # note\n'
 
 
 def test_models_table_is_what_the_zoo_prints(capsys):

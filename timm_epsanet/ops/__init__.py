@@ -12,6 +12,7 @@ import torch
 from .common import same_padding
 from .psa_cpu import (
     branch_conv,
+    caller_layout,
     fast_layout,
     install_channels_last_stem,
     pyramid_branch_convs,
@@ -19,7 +20,14 @@ from .psa_cpu import (
     use_branch_function,
 )
 
-__all__ = ['fast_layout', 'install_channels_last_stem', 'psa_branch_convs', 'same_padding', 'stem_layout']
+__all__ = [
+    'caller_layout',
+    'fast_layout',
+    'install_channels_last_stem',
+    'psa_branch_convs',
+    'same_padding',
+    'stem_layout',
+]
 
 
 def psa_branch_convs(
