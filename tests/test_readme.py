@@ -6,7 +6,7 @@ repository root), with this interpreter's ``bin/`` first on ``PATH`` (``python``
 A block that needs a GPU, the network, a dataset or timm's repository scripts carries, on the line right
 before its opening fence, ``<!-- readme-test: skip: <reason> -->``; the test reports it as skipped with
 that reason. The one substitution (``TINY``) shrinks the benchmark's commands to tiny sizes; README.md's
-Development section documents both. About 90 s on 2 cores, most of it the ONNX export block.
+Development section documents both. About 170 s of CPU time, 48 s of it the ONNX export block.
 """
 
 import os
