@@ -37,12 +37,6 @@ REQUIRED_ARGS = {
     'python -m timm_epsanet.run': ['train.py'],
 }
 
-# issue 13 asks benchmark's --help to show its defaults; branch issue-11-bench owns benchmark.py's argparse.
-BENCHMARK_DEFAULTS = pytest.param(
-    'python -m timm_epsanet.benchmark',
-    marks=pytest.mark.xfail(strict=False, reason='defaults in --help land with branch issue-11-bench'),
-)
-
 
 def _invoke(command: str, args, monkeypatch, capsys):
     """Run ``command args...`` as the interpreter would; returns (exit status, stdout, stderr, parsers seen)."""
@@ -86,9 +80,7 @@ def test_unknown_option_exits_2_with_usage(command, monkeypatch, capsys):
     assert err.splitlines()[-1] == f'{command}: error: unrecognized arguments: --no-such-option'
 
 
-@pytest.mark.parametrize(
-    'command', [c if c != 'python -m timm_epsanet.benchmark' else BENCHMARK_DEFAULTS for c in sorted(COMMANDS)]
-)
+@pytest.mark.parametrize('command', sorted(COMMANDS))
 def test_help_shows_every_default(command, monkeypatch, capsys):
     """Every option with a default (other than off/None) shows it in --help."""
     code, out, _, parsers = _invoke(command, ['--help'], monkeypatch, capsys)
