@@ -87,7 +87,7 @@ def test_impl_selection_and_state_dict():
     assert all(m.impl == 'fast' for m in fast.modules() if isinstance(m, PyramidSqueezeAttention))
     # Same names and shapes: checkpoints are interchangeable between the two paths.
     assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in fast.state_dict().items()}
-    with pytest.raises(ValueError, match="impl must be one of \\('fast', 'reference'\\), got 'quick'"):
+    with pytest.raises(ValueError, match="impl must be one of \\('fast', 'reference', 'triton'\\), got 'quick'"):
         PyramidSqueezeAttention(64, 64, impl='quick')
     with pytest.raises(ValueError, match='impl must be one of'):
         timm.create_model('epsanet50', psa_impl='quick', device='meta')

@@ -113,7 +113,8 @@ class EPSABottleneck(nn.Module):
             psa_kernels: Kernel size of each PSA branch.
             psa_groups: Groups of each PSA branch.
             psa_rd_ratio: Squeeze-excite reduction inside the PSA module.
-            psa_impl: PSA forward implementation, ``'fast'`` or ``'reference'`` (same function).
+            psa_impl: PSA implementation, ``'fast'``, ``'reference'`` or ``'triton'`` (the same function; see
+                ``PyramidSqueezeAttention``).
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()

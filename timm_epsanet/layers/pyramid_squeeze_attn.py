@@ -15,11 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import SEModule
 
-from ..ops import fast_layout, psa_branch_convs, same_padding
+from ..ops import PSA_IMPLS, check_psa_impl, fast_layout, psa_branch_convs, same_padding
 
 __all__ = ['PSA_IMPLS', 'PyramidSqueezeAttention']
-
-PSA_IMPLS = ('fast', 'reference')
 
 # Leaves for FX tracing: their device / grad-mode choices are made when the graph runs, not when traced.
 torch.fx.wrap('fast_layout')
@@ -50,9 +48,12 @@ class PyramidSqueezeAttention(nn.ModuleDict):
         dilation: Dilation of every branch convolution; padding keeps the output aligned.
         rd_ratio: Squeeze-excite reduction (hidden channels = floor(branch channels * rd_ratio)).
         act_layer: Activation inside the squeeze-excite module.
-        impl: ``'fast'`` (default) runs :meth:`forward_fast`, ``'reference'`` runs :meth:`forward_reference`;
-            both compute the same function (to float rounding) from the same parameters. Can be changed on a
-            built module through the ``impl`` attribute.
+        impl: How the forward is computed; every choice computes the same function (to float rounding) from the
+            same parameters, and can be changed on a built module through the ``impl`` attribute.
+            ``'fast'`` (default): :meth:`forward_fast`, its branch convolutions the fastest the device has
+            (on CUDA, the Triton kernels or cuDNN, chosen by measurement per shape). ``'reference'``:
+            :meth:`forward_reference`. ``'triton'``: :meth:`forward_fast` with the Triton kernels, an error
+            where they cannot run (no Triton, not a CUDA tensor; ``TRITON_INTERPRET=1`` runs them on CPU).
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class PyramidSqueezeAttention(nn.ModuleDict):
         dd = {'device': device, 'dtype': dtype}
         if impl not in PSA_IMPLS:
             raise ValueError(f'PyramidSqueezeAttention: impl must be one of {PSA_IMPLS}, got {impl!r}.')
+        check_psa_impl(impl)
         if len(kernel_sizes) != len(groups):
             raise ValueError(f'PyramidSqueezeAttention: {len(kernel_sizes)} kernel sizes but {len(groups)} groups.')
         num_branches = len(kernel_sizes)
@@ -146,7 +148,7 @@ class PyramidSqueezeAttention(nn.ModuleDict):
                 weights.append(layer.weight)
                 groups.append(layer.groups)
         # (B, N * C, H, W), branches in the authors' concatenation order: last branch first.
-        out = psa_branch_convs(x, weights, groups, self.conv_1.stride[0], self.conv_1.dilation[0])
+        out = psa_branch_convs(x, weights, groups, self.conv_1.stride[0], self.conv_1.dilation[0], self.impl)
 
         batch, num_branches, branch_chs = out.shape[0], self.num_branches, self.branch_chs
         se = self.se
