@@ -50,7 +50,7 @@ def test_runner_runs_script_as_main_with_its_args(tmp_path):
     (result,) = _results(_run([sys.executable, '-m', 'timm_epsanet.run', str(SCRIPT), *SCRIPT_ARGS], cwd=tmp_path))
     assert result['name'] == '__main__'
     assert result['argv'] == [str(SCRIPT), *SCRIPT_ARGS]
-    assert (result['model'], result['architecture']) == ('ResNet', 'epsanet50')
+    assert (result['model'], result['architecture']) == ('EPSANet', 'epsanet50')  # timm's ResNet, subclassed
     assert result['params'] == EPSANET50_PARAMS_10_CLASSES
     assert math.isfinite(result['loss'])
     assert (result['rank'], result['world_size']) == (0, 1)
@@ -75,6 +75,6 @@ def test_runner_missing_script(tmp_path, capsys):
 
 def test_runner_without_script(capsys):
     with pytest.raises(SystemExit) as e:
-        main([])
+        main([], prog='python -m timm_epsanet.run')
     assert e.value.code == 2
-    assert 'usage: python -m timm_epsanet.run SCRIPT' in capsys.readouterr().err
+    assert 'usage: python -m timm_epsanet.run [-h] SCRIPT' in capsys.readouterr().err

@@ -7,7 +7,7 @@ forward_intermediates, FX forward/backward/TorchScript and the two pretrained-lo
 offline Hugging Face cache that the plugin fills). The Large variants are the same block class with
 other arguments, so they are left out for time; the prune contract test (97 s per model) too.
 
-The battery costs about 2.5 min on 2 cores (the other tests here a few seconds). Deselect it with
+The battery costs about 200 s of CPU time (the other tests here a few seconds). Deselect it with
 ``-m "not timm_battery"``; it is skipped when PyPI is not reachable.
 """
 

@@ -319,7 +319,7 @@ def test_verify_refuses_a_folder_that_differs(exported, reference):
 
 def test_help_lists_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        publish.main(['--help'])
+        publish.main(['--help'], prog='hub_upload.py')
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith('usage: hub_upload.py')

@@ -16,19 +16,20 @@ Official impl: https://github.com/murufeng/EPSANet (no pretrained weights were e
 """
 
 import math
-from typing import Any, Dict, Optional, Sequence, Type
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureListNet
 from timm.models._helpers import clean_state_dict
 from timm.models.resnet import ResNet
 
 from .layers import PyramidSqueezeAttention
-from .ops import fast_layout, install_channels_last_stem
+from .ops import caller_layout, fast_layout, install_channels_last_stem
 
-__all__ = ['PyramidSqueezeAttention', 'EPSABottleneck', 'checkpoint_filter_fn', 'HUB_ORGANIZATION']
+__all__ = ['PyramidSqueezeAttention', 'EPSABottleneck', 'EPSANet', 'checkpoint_filter_fn', 'HUB_ORGANIZATION']
 
 # The one place that says where this package's weights live on the Hugging Face Hub.
 # Publishing under another organisation is a change of this line.
@@ -189,6 +190,46 @@ class EPSABottleneck(nn.Module):
         return x
 
 
+class EPSANet(ResNet):
+    """timm's ``ResNet`` with EPSA blocks, whose intermediate feature maps come back in the caller's layout.
+
+    On CPU the fast PSA path runs the stem and some blocks channels_last (where that is faster), depending
+    on map size, batch and grad mode. ``forward_intermediates`` (and ``features_only``, see
+    ``_create_epsanet``) hand the maps back in the input's memory format, so a caller sees the same layout in
+    training and inference: NCHW for an NCHW image, channels_last for a channels_last one.
+    """
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        """``ResNet.forward_intermediates``, its maps in ``x``'s memory format (same arguments and returns)."""
+        out = super().forward_intermediates(x, *args, **kwargs)
+        if isinstance(out, tuple):  # (final features, intermediates)
+            return caller_layout(out[0], x), [caller_layout(f, x) for f in out[1]]
+        return [caller_layout(f, x) for f in out]
+
+
+# Forward hooks (scriptable, as the feature nets they go on) that hand features_only maps back in the
+# input's memory format: one copy per map that ran channels_last on CPU, nothing for the others.
+def _feature_list_in_caller_layout(
+    module: nn.Module, args: Tuple[torch.Tensor], output: List[torch.Tensor]
+) -> List[torch.Tensor]:
+    return [caller_layout(f, args[0]) for f in output]
+
+
+def _feature_dict_in_caller_layout(
+    module: nn.Module, args: Tuple[torch.Tensor], output: Dict[str, torch.Tensor]
+) -> Dict[str, torch.Tensor]:
+    return {name: caller_layout(f, args[0]) for name, f in output.items()}
+
+
+def _features_in_caller_layout(model: nn.Module) -> None:
+    """Make a ``features_only`` model return its maps in the caller's layout, whatever its ``feature_cls``."""
+    if isinstance(model, FeatureGetterNet):
+        return  # it returns EPSANet.forward_intermediates's maps, already in the caller's layout
+    returns_dict = isinstance(model, FeatureDictNet) and not isinstance(model, FeatureListNet)
+    returns_dict = returns_dict or getattr(model, 'return_dict', False)  # the 'hook' and 'fx' feature nets
+    model.register_forward_hook(_feature_dict_in_caller_layout if returns_dict else _feature_list_in_caller_layout)
+
+
 def _describe_keys(keys: Sequence[str], limit: int = 8) -> str:
     keys = sorted(keys)
     shown = ', '.join(keys[:limit])
@@ -247,8 +288,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     return state_dict
 
 
-def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
-    """Build an EPSANet variant on timm's ResNet, loading pretrained weights when asked.
+def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> EPSANet:
+    """Build an EPSANet variant (timm's ResNet, subclassed), loading pretrained weights when asked.
 
     ``psa_impl='reference'`` builds the plain model: the reference PSA forward in every block (see
     ``PyramidSqueezeAttention``) and none of the fast path's layout choices, the stem's included.
@@ -261,7 +302,7 @@ def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
         kwargs = with_file_weights(variant, kwargs)
     try:
         model = build_model_with_cfg(
-            ResNet,
+            EPSANet,
             variant,
             pretrained,
             pretrained_filter_fn=checkpoint_filter_fn,
@@ -275,6 +316,8 @@ def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
     model.pretrained_cfg.pop('state_dict', None)  # loaded into the model; a copy in the cfg only holds memory
     if psa_impl == 'fast':
         install_channels_last_stem(model)
+    if kwargs.get('features_only'):
+        _features_in_caller_layout(model)
     return model
 
 
@@ -356,30 +399,38 @@ default_cfgs = generate_default_cfgs(
 # The authors' "Small" configuration, used by their epsanet50() / epsanet101().
 _SMALL_PSA = dict(psa_kernels=(3, 5, 7, 9), psa_groups=(1, 4, 8, 16))
 # Reconstruction of "Large": wider bottleneck (ResNeXt 32x4d widths) and 32 groups in every branch.
-# Kernels 3/5/5/7 reproduce the paper's 27.90M/4.72G and 49.59M/8.97G exactly; 3/5/7/9 would not.
+# Kernels 3/5/5/7 reproduce the paper's 27.90M params / 4.72 GFLOPs and 49.59M / 8.97 GFLOPs exactly (the
+# paper's FLOPs count BatchNorm too; conv and linear MACs alone are 4.69 and 8.92 G); 3/5/7/9 would not.
 _LARGE_PSA = dict(psa_kernels=(3, 5, 5, 7), psa_groups=(32, 32, 32, 32))
 
 
 @register_model
-def epsanet50(pretrained: bool = False, **kwargs) -> ResNet:
-    """EPSANet-50 ("Small" in the paper): 22.56M params, 3.62 GMACs at 224x224."""
+def epsanet50(pretrained: bool = False, **kwargs) -> EPSANet:
+    """EPSANet-50 ("Small" in the paper): 22.56M params, 3.60 GMACs at 224x224.
+
+    The paper's 3.62 GFLOPs count BatchNorm too; GMACs here count convolutions and linear layers.
+    """
     model_args = dict(block=EPSABottleneck, layers=(3, 4, 6, 3), block_args=_SMALL_PSA, zero_init_last=False)
     return _create_epsanet('epsanet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def epsanet101(pretrained: bool = False, **kwargs) -> ResNet:
-    """EPSANet-101 ("Small" in the paper): 38.90M params, 6.82 GMACs at 224x224."""
+def epsanet101(pretrained: bool = False, **kwargs) -> EPSANet:
+    """EPSANet-101 ("Small" in the paper): 38.90M params, 6.79 GMACs at 224x224.
+
+    The paper's 6.82 GFLOPs count BatchNorm too; GMACs here count convolutions and linear layers.
+    """
     model_args = dict(block=EPSABottleneck, layers=(3, 4, 23, 3), block_args=_SMALL_PSA, zero_init_last=False)
     return _create_epsanet('epsanet101', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def epsanet50_large(pretrained: bool = False, **kwargs) -> ResNet:
-    """EPSANet-50 ("Large"), reconstructed from the paper's numbers: 27.90M params, 4.72 GMACs.
+def epsanet50_large(pretrained: bool = False, **kwargs) -> EPSANet:
+    """EPSANet-50 ("Large"), reconstructed from the paper's numbers: 27.90M params, 4.69 GMACs at 224x224.
 
     The authors' code never contained this model. Width 2x (cardinality 32 x base width 4),
-    PSA kernels 3/5/5/7 with 32 groups per branch reproduce the paper's params and FLOPs exactly.
+    PSA kernels 3/5/5/7 with 32 groups per branch reproduce the paper's 27.90M params and 4.72 GFLOPs
+    exactly (the paper's FLOPs count BatchNorm too; the 4.69 GMACs count convolutions and linear layers).
     """
     model_args = dict(
         block=EPSABottleneck,
@@ -393,10 +444,11 @@ def epsanet50_large(pretrained: bool = False, **kwargs) -> ResNet:
 
 
 @register_model
-def epsanet101_large(pretrained: bool = False, **kwargs) -> ResNet:
-    """EPSANet-101 ("Large"), reconstructed from the paper's numbers: 49.59M params, 8.97 GMACs.
+def epsanet101_large(pretrained: bool = False, **kwargs) -> EPSANet:
+    """EPSANet-101 ("Large"), reconstructed from the paper's numbers: 49.59M params, 8.92 GMACs at 224x224.
 
-    The authors' code never contained this model; see ``epsanet50_large`` for the configuration.
+    The authors' code never contained this model; see ``epsanet50_large`` for the configuration. It
+    reproduces the paper's 49.59M params and 8.97 GFLOPs (BatchNorm included) exactly.
     """
     model_args = dict(
         block=EPSABottleneck,

@@ -307,7 +307,9 @@ def _usage(load_name: str) -> str:
     return f"""The model is not part of timm itself: install the package that registers it first.
 
 ```bash
-pip install timm timm-epsanet
+# timm-epsanet from a checkout of its source repository (it was not on PyPI when this card was written;
+# once it is, `pip install timm-epsanet` installs the same package); timm and torch come with it
+pip install ./timm-epsanet
 ```
 
 ### Image classification
@@ -877,9 +879,10 @@ def publish(
     return out_dir
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    # prog: the name the usage line shows; by default the running script's (hub_upload.py, epsanet-hub-upload)
     parser = argparse.ArgumentParser(
-        prog='hub_upload.py',
+        prog=prog,
         description=(
             "Convert an EPSANet checkpoint (authors' main.py, timm train.py, plain state dict or safetensors) "
             'into a timm Hugging Face Hub folder (model.safetensors, config.json, README.md), verify it reloads '
@@ -896,16 +899,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--use-ema', action='store_true', help='publish the EMA weights of a timm train.py checkpoint')
     parser.add_argument('--private', action='store_true', help='create the repository as private')
     parser.add_argument('--revision', help='branch to push to (created if missing; default: main)')
-    parser.add_argument('--commit-message', default='Add EPSANet weights', help='commit message of the upload')
+    parser.add_argument(
+        '--commit-message', default='Add EPSANet weights', help='commit message of the upload (default: %(default)s)'
+    )
     parser.add_argument('--top1', type=float, help='measured top-1 accuracy (%%) for the model card')
     parser.add_argument('--top5', type=float, help='measured top-5 accuracy (%%) for the model card')
-    parser.add_argument('--dataset', default='imagenet-1k', help='dataset the weights were trained/evaluated on')
+    parser.add_argument(
+        '--dataset', default='imagenet-1k', help='dataset the weights were trained/evaluated on (default: %(default)s)'
+    )
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Command-line entry point; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         publish(
             args.model,
@@ -938,4 +945,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':  # pragma: no cover
-    sys.exit(main())
+    sys.exit(main(prog='python -m timm_epsanet.publish'))

@@ -89,6 +89,7 @@ def format_zoo(entries: List[ZooEntry]) -> str:
         lines.append('| ' + ' | '.join(cells) + ' |')
     note = (
         f'Hub organisation: {HUB_ORGANIZATION}. GMACs count convolutions and linear layers; '
-        'the paper also counts BatchNorm (3.62 / 6.82 / 4.72 / 8.97 G).'
+        "the paper's FLOPs also count BatchNorm (epsanet50 3.62, epsanet50_large 4.72, epsanet101 6.82, "
+        'epsanet101_large 8.97 G).'
     )
     return '\n'.join(lines) + '\n\n' + note

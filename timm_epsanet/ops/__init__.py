@@ -19,6 +19,7 @@ from . import psa_cuda, psa_triton
 from .common import same_padding
 from .psa_cpu import (
     branch_conv,
+    caller_layout,
     fast_layout,
     install_channels_last_stem,
     pyramid_branch_convs,
@@ -28,6 +29,7 @@ from .psa_cpu import (
 
 __all__ = [
     'PSA_IMPLS',
+    'caller_layout',
     'check_psa_impl',
     'fast_layout',
     'install_channels_last_stem',

@@ -4,7 +4,8 @@ oneDNN, PyTorch's CPU backend, runs EPSANet's grouped large-kernel convolutions 
 (the measurements behind each choice are quoted where it is made). Everything here computes exactly the
 plain grouped convolutions of ``PyramidSqueezeAttention.forward_reference``, only faster:
 
-* ``fast_layout`` / ``stem_layout``: which memory format a block or the stem runs fastest in.
+* ``fast_layout`` / ``stem_layout``: which memory format a block or the stem runs fastest in;
+  ``caller_layout``: the caller's memory format again, for maps handed back.
 * ``branch_conv``: a branch as depthwise convolutions plus a group sum where oneDNN's depthwise kernels win.
 * ``PyramidBranchConvs``: all branches of a module under autograd, with grouped backwards and the weight
   gradients of several branches from one merged convolution.
@@ -26,6 +27,7 @@ __all__ = [
     'ChannelsLastStemConv2d',
     'PyramidBranchConvs',
     'branch_conv',
+    'caller_layout',
     'fast_layout',
     'install_channels_last_stem',
     'pyramid_branch_convs',
@@ -56,6 +58,22 @@ def fast_layout(
     ):
         return x.contiguous(memory_format=torch.channels_last)
     return x.contiguous()
+
+
+def caller_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y``, a map computed from the input ``x``, in ``x``'s memory format.
+
+    ``fast_layout`` and the channels_last stem move maps to channels_last where that runs faster, so which
+    maps come out channels_last depends on map size, batch and grad mode. Maps handed back to a caller
+    (feature maps, intermediates) go through here: channels_last for a channels_last input, NCHW for any
+    other, whatever ran inside. A map already in that format is returned as is (no copy): on every device
+    but the CPU, where the fast path keeps PyTorch's layouts, that is the rule.
+    """
+    if y.dim() != 4:
+        return y
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return y.contiguous(memory_format=torch.channels_last)
+    return y.contiguous()
 
 
 def _use_depthwise(x: torch.Tensor, weight: torch.Tensor, groups: int, min_positions: int = 1024) -> bool:
@@ -179,10 +197,13 @@ def _merged_weight_grads(
     kernel = max(w.shape[-1] for w in weights)
     batch, in_chs = x.shape[0], x.shape[1]
     out_height, out_width = grad_outputs[0].shape[-2], grad_outputs[0].shape[-1]
-    # (B, G, rows of each branch, H, W) -> merged rows in group-major order
+    # (B, G, rows of each branch, H, W) -> merged rows in group-major order. Sizes are spelled out, not -1:
+    # an empty batch (DDP's uneven last batch) leaves a -1 undetermined.
     grad_merged = torch.cat(
-        [g.reshape(batch, merged_groups, -1, out_height, out_width) for g in grad_outputs], dim=2
-    ).reshape(batch, -1, out_height, out_width)
+        [g.reshape(batch, merged_groups, g.shape[1] // merged_groups, out_height, out_width) for g in grad_outputs],
+        dim=2,
+    )
+    grad_merged = grad_merged.reshape(batch, grad_merged.shape[1] * grad_merged.shape[2], out_height, out_width)
     weight_shape = [grad_merged.shape[1], in_chs // merged_groups, kernel, kernel]
     merged_weight = x.new_zeros(weight_shape)  # only its shape matters for the weight gradient
     _, grad_weight = _grouped_conv_backward(

@@ -1,20 +1,33 @@
 """``python -m timm_epsanet.recipes MODEL``: print the path of MODEL's train.py recipe file."""
 
-import sys
+import argparse
+from typing import Optional, Sequence
 
 from . import list_recipes, recipe_path
 
 
-def main() -> None:
-    if len(sys.argv) != 2:
-        print(f'usage: python -m timm_epsanet.recipes MODEL   (MODEL: {", ".join(list_recipes())})', file=sys.stderr)
-        raise SystemExit(2)
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The command line; ``prog`` is the name the usage line shows (default: the running script's)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Print the path of MODEL's train.py argument file with the authors' ImageNet recipe, for "
+            '`train.py -c "$(python -m timm_epsanet.recipes MODEL)" ...`.'
+        ),
+    )
+    parser.add_argument('model', metavar='MODEL', help=f'one of: {", ".join(list_recipes())}')
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> None:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and print the recipe path; exit 2 for an unknown model."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     try:
-        print(recipe_path(sys.argv[1]))
+        print(recipe_path(args.model))
     except ValueError as e:
-        print(e, file=sys.stderr)
-        raise SystemExit(2) from None
+        parser.error(str(e))
 
 
 if __name__ == '__main__':
-    main()
+    main(prog='python -m timm_epsanet.recipes')
