@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+from huggingface_hub import constants
 
 from timm_epsanet import checkpoint_filter_fn
 
@@ -30,3 +31,16 @@ def reference(authors_ckpt):
     model.load_state_dict(checkpoint_filter_fn(authors_ckpt, model), strict=True)
     with torch.no_grad():
         return model, model(golden_input())
+
+
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """Nothing may use the Hub: offline mode and an empty cache make any attempt fail loudly."""
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hf-cache'))
+
+
+@pytest.fixture(scope='session')
+def weights(authors_ckpt):
+    """The authors' deterministic epsanet50 weights as a plain state dict (authors' names)."""
+    return {k.removeprefix('module.'): v for k, v in authors_ckpt['state_dict'].items()}

@@ -16,7 +16,6 @@ import pytest
 import timm
 import torch
 import yaml
-from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
 from timm_epsanet import publish
@@ -27,17 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def no_hub(monkeypatch, tmp_path):
-    """Nothing here may use the Hub: offline mode and an empty cache make any attempt fail loudly."""
-    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
-    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hf-cache'))
-
-
-@pytest.fixture(scope='module')
-def weights(authors_ckpt):
-    """The authors'-named deterministic state dict."""
-    return {k.removeprefix('module.'): v for k, v in authors_ckpt['state_dict'].items()}
+# Nothing here may use the Hub (tests/conftest.py: offline mode, an empty cache).
+pytestmark = pytest.mark.usefixtures('no_hub')
 
 
 @pytest.fixture(scope='module')
