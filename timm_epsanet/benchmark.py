@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 import timm_epsanet  # noqa: F401  (registers the EPSANet models)
 from timm_epsanet.ops import psa_cuda
+from timm_epsanet.ops.psa_triton import triton_unavailable_reason
 
 DEFAULT_MODELS = 'epsanet50,epsanet50:reference,resnet50,seresnet50,resnest50d,res2net50_26w_4s'
 FORMATS = {'nchw': torch.contiguous_format, 'cl': torch.channels_last}
@@ -510,17 +511,6 @@ def memory_in_subprocess(
     if out.returncode != 0:
         raise RuntimeError(f'Memory probe of {spec} failed:\n{out.stderr[-2000:]}')
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def triton_unavailable_reason(device: torch.device) -> Optional[str]:
-    """Why ``psa_impl='triton'`` cannot run on ``device`` (as ``timm_epsanet.ops.psa_triton`` says), or None."""
-    try:
-        psa_triton = importlib.import_module('timm_epsanet.ops.psa_triton')
-    except ImportError as e:
-        if e.name != 'timm_epsanet.ops.psa_triton':
-            raise
-        return 'this timm_epsanet has no Triton kernels (timm_epsanet.ops.psa_triton)'
-    return psa_triton.triton_unavailable_reason(device)
 
 
 def _precision(name: str) -> str:

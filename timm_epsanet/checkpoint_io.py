@@ -15,7 +15,7 @@ import contextlib
 import errno
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -24,6 +24,7 @@ __all__ = [
     'read_checkpoint',
     'select_weights',
     'check_weights',
+    'describe_keys',
     'load_weights',
     'os_error_reason',
     'with_file_weights',
@@ -170,7 +171,8 @@ def _clean_name(key: str) -> str:
     return key
 
 
-def _names(keys: List[str], limit: int = 5) -> str:
+def describe_keys(keys: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` keys, comma-separated, and how many there are in all when some are left out."""
     shown = ', '.join(keys[:limit])
     return shown + (f', ... ({len(keys)} in all)' if len(keys) > limit else '')
 
@@ -185,7 +187,7 @@ def check_weights(state_dict: Dict[Any, Any], path: str) -> None:
     where = repr(str(path))
     bad_keys = [repr(k) for k in state_dict if not isinstance(k, str)]
     if bad_keys:
-        raise CheckpointError(f'{where}: state dict keys must be strings; {_names(bad_keys)} is not a string.')
+        raise CheckpointError(f'{where}: state dict keys must be strings; {describe_keys(bad_keys)} is not a string.')
     tensors = {k: v for k, v in state_dict.items() if torch.is_tensor(v)}
     if not tensors:
         raise CheckpointError(f'{where} holds no tensors; is it a checkpoint of model weights?')
@@ -201,12 +203,12 @@ def check_weights(state_dict: Dict[Any, Any], path: str) -> None:
     complex_keys = [k for k, v in tensors.items() if v.is_complex()]
     if complex_keys:
         raise CheckpointError(
-            f'{where}: complex tensors ({_names(complex_keys)}) would lose their imaginary part in the model.'
+            f'{where}: complex tensors ({describe_keys(complex_keys)}) would lose their imaginary part in the model.'
         )
     non_finite = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if non_finite:
         raise CheckpointError(
-            f'{where}: weights are not finite (inf or NaN) in {_names(non_finite)}; '
+            f'{where}: weights are not finite (inf or NaN) in {describe_keys(non_finite)}; '
             'the training diverged or the file is damaged.'
         )
 

@@ -26,6 +26,7 @@ from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureListN
 from timm.models._helpers import clean_state_dict
 from timm.models.resnet import ResNet
 
+from .checkpoint_io import describe_keys, with_file_weights
 from .layers import PyramidSqueezeAttention
 from .ops import caller_layout, fast_layout, install_channels_last_stem
 
@@ -230,10 +231,8 @@ def _features_in_caller_layout(model: nn.Module) -> None:
     model.register_forward_hook(_feature_dict_in_caller_layout if returns_dict else _feature_list_in_caller_layout)
 
 
-def _describe_keys(keys: Sequence[str], limit: int = 8) -> str:
-    keys = sorted(keys)
-    shown = ', '.join(keys[:limit])
-    return shown + (f', ... ({len(keys)} in all)' if len(keys) > limit else '')
+def _describe_keys(keys: Sequence[str]) -> str:
+    return describe_keys(sorted(keys), limit=8)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -297,8 +296,6 @@ def _create_epsanet(variant: str, pretrained: bool = False, **kwargs) -> EPSANet
     psa_impl = kwargs.pop('psa_impl', 'fast')
     kwargs['block_args'] = dict(kwargs.get('block_args') or {}, psa_impl=psa_impl)
     if pretrained:  # file= weights are read by the package: safely, with one clear line for a bad file
-        from .checkpoint_io import with_file_weights
-
         kwargs = with_file_weights(variant, kwargs)
     try:
         model = build_model_with_cfg(

@@ -71,8 +71,6 @@ class PyramidSqueezeAttention(nn.ModuleDict):
         dtype=None,
     ):
         dd = {'device': device, 'dtype': dtype}
-        if impl not in PSA_IMPLS:
-            raise ValueError(f'PyramidSqueezeAttention: impl must be one of {PSA_IMPLS}, got {impl!r}.')
         check_psa_impl(impl)
         if len(kernel_sizes) != len(groups):
             raise ValueError(f'PyramidSqueezeAttention: {len(kernel_sizes)} kernel sizes but {len(groups)} groups.')

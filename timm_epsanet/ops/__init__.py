@@ -46,7 +46,7 @@ PSA_IMPLS = ('fast', 'reference', 'triton')
 def check_psa_impl(impl: str) -> None:
     """Raise ValueError for an unknown implementation name, RuntimeError for 'triton' without Triton."""
     if impl not in PSA_IMPLS:
-        raise ValueError(f'PSA implementation must be one of {PSA_IMPLS}, got {impl!r}.')
+        raise ValueError(f'PyramidSqueezeAttention: impl must be one of {PSA_IMPLS}, got {impl!r}.')
     if impl == 'triton' and psa_triton.triton is None:
         raise RuntimeError("PSA implementation 'triton' needs Triton, which is not installed (pip install triton).")
 
